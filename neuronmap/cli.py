@@ -1,0 +1,296 @@
+"""The `neuronmap` command: a thin typer layer over the library.
+
+Every subcommand parses its options, calls one library function and prints the result (a rich
+table, or JSON with `--json`). User mistakes raise `NeuronMapError`; `main` prints them as one red
+line and exits with code 2. Anything else is an internal error: one line, exit code 1, and the
+traceback only with NEURONMAP_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import NeuronMapError
+
+app = typer.Typer(help="Extract, store and analyse activations of transformer models.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Preconfigured models, their layers, tiny test models.", no_args_is_help=True)
+runs_app = typer.Typer(help="Inspect, verify and export stored runs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' info/warning chatter that is not about the user's command."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers always importable in practice
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# extract
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def extract(
+    model: str = typer.Option(..., "--model", "-m", help="Registry name, local folder or hub id."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", help="Prompt file: .txt, .jsonl, .csv or .parquet."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create (or resume)."),
+    layers: str = typer.Option("blocks.*", "--layers", "-l", help="Layer spec: names, globs, ranges, module:<path>."),
+    pooling: str = typer.Option("mean", help="mean | last | first | max | none (per token)."),
+    format: str = typer.Option("hdf5", "--format", "-f", help="hdf5 | parquet."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32 | float16."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
+    max_length: int = typer.Option(512, help="Tokens per prompt; longer prompts are truncated (counted)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    model_dtype: str = typer.Option("auto", help="Compute dtype: auto | float32 | float16 | bfloat16."),
+    compression: Optional[str] = typer.Option(None, help="HDF5: gzip | lzf; Parquet: zstd | snappy."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the prompt text (csv/jsonl/parquet)."),
+    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~256 MB per shard)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing complete run at --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Extract activations for every prompt into a run directory (resumes an interrupted run)."""
+    from .extraction import extract as run_extract
+
+    _quiet_libraries()
+    run = run_extract(model, prompts, layers=layers, out=out, pooling=pooling, format=format, dtype=dtype,
+                      batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
+                      compression=compression, overwrite=overwrite, text_column=text_column,
+                      samples_per_shard=samples_per_shard, progress=not (quiet or as_json))
+    _show_run(run, as_json)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the preconfigured models of the registry."""
+    from .models.registry import list_models
+
+    entries = list_models()
+    if as_json:
+        _print_json([entry.model_dump() for entry in entries])
+        return
+    table = Table(title=f"{len(entries)} preconfigured models")
+    for column in ("name", "hub id", "family", "kind", "params", "notes"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.name, entry.hub_id, entry.family, entry.kind, str(entry.params or ""), entry.notes or "")
+    console.print(table)
+
+
+@models_app.command("layers")
+def models_layers(
+    model: str = typer.Argument(..., help="Registry name, local folder or hub id."),
+    device: str = typer.Option("cpu", help="Device for the shape probe."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List a model's canonical layer names with their shapes."""
+    from .models import load_model
+
+    _quiet_libraries()
+    loaded = load_model(model, device=device)
+    rows = loaded.adapter.describe(loaded.tokenizer)
+    if as_json:
+        _print_json([{"name": name, "shape": shape} for name, shape in rows])
+        return
+    table = Table(title=f"{loaded.name}: {len(rows)} layers ({loaded.family})")
+    table.add_column("layer")
+    table.add_column("shape per token")
+    for name, shape in rows:
+        table.add_row(name, str(tuple(shape)))
+    console.print(table)
+    console.print("Select with names, globs (blocks.*.mlp), ranges (blocks.0-3) or module:<dotted.path>.")
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    family: str = typer.Argument(..., help="gpt2 | gpt_neox | llama | mistral | qwen2 | opt | bert | roberta | distilbert | t5"),
+    out: Path = typer.Argument(..., help="Folder to write the model and tokenizer to."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+) -> None:
+    """Write a small random-weight model with a working tokenizer (for tests and demos)."""
+    from .models.tiny import make_tiny
+
+    _quiet_libraries()
+    path = make_tiny(family, out, seed=seed)
+    console.print(f"tiny {family} model written to [bold]{path}[/] (load it with --model {path})")
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def _run_summary(run: Any) -> dict[str, Any]:
+    manifest = run.manifest
+    total_bytes = sum(shard.bytes or 0 for shard in manifest.shards)
+    return {
+        "path": str(run.path), "status": manifest.status, "error": getattr(manifest, "error", None),
+        "model": manifest.model, "format": manifest.format, "pooling": manifest.pooling, "dtype": manifest.dtype,
+        "n_samples": manifest.n_samples, "n_tokens": manifest.n_tokens, "n_truncated": manifest.n_truncated,
+        "layers": {name: info.shape for name, info in manifest.layers.items()},
+        "shards": len(manifest.shards), "bytes": total_bytes, "created": manifest.created,
+        "prompt_columns": [c for c in run.prompts.columns if c not in ("sample_id", "text")],
+    }
+
+
+def _show_run(run: Any, as_json: bool) -> None:
+    summary = _run_summary(run)
+    if as_json:
+        _print_json(summary)
+        return
+    status = summary["status"]
+    colour = {"complete": "green", "running": "yellow", "failed": "red"}.get(status, "white")
+    console.print(f"[bold]{summary['path']}[/]  [{colour}]{status}[/]")
+    console.print(
+        f"model {summary['model']} | {summary['n_samples']} samples, {summary['n_tokens']} tokens"
+        f" ({summary['n_truncated']} truncated) | pooling {summary['pooling']} | {summary['format']}"
+        f" {summary['dtype']} | {summary['shards']} shards, {summary['bytes'] / 1e6:.1f} MB"
+    )
+    if summary["prompt_columns"]:
+        console.print(f"prompt label columns: {', '.join(summary['prompt_columns'])}")
+    table = Table()
+    table.add_column("layer")
+    table.add_column("rows x shape")
+    for name in run.layers:
+        table.add_row(name, f"{run.n_rows(name)} x {tuple(summary['layers'][name])}")
+    console.print(table)
+    if status == "running":
+        console.print("[yellow]this run is incomplete: re-run the same `neuronmap extract` command to resume it[/]")
+    elif status == "failed":
+        console.print(f"[red]this run failed: {summary['error']}; re-run the same command to resume it[/]")
+
+
+@runs_app.command("show")
+def runs_show(run: Path = typer.Argument(..., help="Run directory."),
+              as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Show a run's status, model, layers, shapes and size."""
+    from .store import open_run
+
+    _show_run(open_run(run), as_json)
+
+
+@runs_app.command("verify")
+def runs_verify(run: Path = typer.Argument(..., help="Run directory."),
+                as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Recheck every shard's sha256 and that the shards cover every row exactly once."""
+    from .store import verify_run
+
+    report = verify_run(run)
+    if as_json:
+        _print_json({"ok": report.ok, "problems": report.problems})
+    elif report.ok:
+        console.print(f"[green]ok[/]: {run} verified")
+    else:
+        for problem in report.problems:
+            err_console.print(f"[red]{problem}[/]")
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+@runs_app.command("export")
+def runs_export(
+    run: Path = typer.Argument(..., help="Run directory."),
+    to: str = typer.Option(..., "--to", help="csv | hdf5 | parquet."),
+    out: Path = typer.Option(..., "--out", "-o", help="CSV file (csv) or new run directory (hdf5/parquet)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers for CSV (default: all)."),
+) -> None:
+    """Export a run to CSV, or convert it between HDF5 and Parquet."""
+    from .errors import ConfigError
+    from .store import convert_run, export_csv, open_run
+
+    source = open_run(run)
+    if to == "csv":
+        chosen = layers.split(",") if layers else None
+        path = export_csv(source, out, layers=chosen)
+    elif to in ("hdf5", "parquet"):
+        path = convert_run(source, out, format=to)
+    else:
+        raise ConfigError(f"--to {to!r} is not supported; use csv, hdf5 or parquet")
+    console.print(f"exported {run} to [bold]{path}[/]")
+
+
+# ---------------------------------------------------------------------------------------------
+# doctor and demo
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Versions, device, free disk, and whether a Ray cluster is reachable."""
+    from .doctor import collect
+
+    info = collect()
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title="neuronmap doctor")
+    table.add_column("check")
+    table.add_column("value")
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the demo models and runs."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N shipped prompts."),
+) -> None:
+    """Run the main job end to end offline: tiny GPT-2 and packaged MiniLM over the shipped prompts."""
+    from .demo import run_demo
+
+    _quiet_libraries()
+    for run in run_demo(out, limit=limit, console=console):
+        console.rule()
+        _show_run(run, as_json=False)
+    console.print(f"\nInspect a run with [bold]neuronmap runs show {out}/<run>[/]; read it in Python with "
+                  "[bold]neuronmap.open_run(path).array(layer)[/].")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except NeuronMapError as error:
+        err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("[yellow]interrupted[/]: re-run the same command to resume")
+        return 130
+    except Exception as error:  # internal error: one line unless debugging
+        if os.environ.get("NEURONMAP_DEBUG"):
+            raise
+        err_console.print(f"[red]internal error:[/] {type(error).__name__}: {error} "
+                          "(set NEURONMAP_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

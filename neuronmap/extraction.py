@@ -1,0 +1,340 @@
+"""In-process extraction: prompts -> tokens -> length-sorted batches -> hooked forward -> shards.
+
+Why it is fast: the forward stops after the last requested layer (no LM head, no later blocks),
+batches are sorted by length inside each shard so padding is small, pooling happens on the device
+in the capture hook, and only the pooled rows are copied to the host.
+
+Why memory stays flat: prompts are processed one shard at a time (`samples_per_shard` samples in
+their original order). Within a shard they are sorted by length for batching, then put back in
+original order and committed as one shard per layer. Nothing outside the current shard is held.
+
+Why a crash loses nothing: each shard is committed atomically by the store and recorded in the
+manifest; re-running the same command skips committed shards (resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .capture import Capture
+from .errors import ConfigError
+from .pooling import check_pooling, pool
+from .prompts import load_prompts, prompt_source_hash
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+FORMATS = ("hdf5", "parquet")
+# Target bytes of activations buffered per shard (all layers together) when the caller does not
+# choose `samples_per_shard`: large enough for length sorting to pay off, small enough for laptops.
+SHARD_TARGET_BYTES = 256 * 1024**2
+
+
+@dataclass
+class TokenizedPrompts:
+    """Token ids of every prompt, truncated to `max_length`, and how many were truncated."""
+
+    ids: list[list[int]]
+    lengths: np.ndarray  # (n_samples,)
+    n_truncated: int
+    max_length: int
+
+
+@dataclass
+class ExtractionPlan:
+    """What one extraction computes: resolved layers and their stored feature shapes."""
+
+    refs: list[Any]
+    shapes: dict[str, tuple[int, ...]]
+    kinds: dict[str, str]
+    samples_per_shard: int
+    row_offsets: np.ndarray  # (n_samples + 1,) first row of each sample (per-token runs)
+
+
+def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedPrompts:
+    """Tokenise once, without padding; count the prompts that `max_length` cut short.
+
+    Only prompts that reach `max_length` are re-tokenised without truncation to tell whether they
+    were really cut, so the common case costs one pass.
+    """
+    ids: list[list[int]] = []
+    n_truncated = 0
+    step = 1024
+    for start in range(0, len(texts), step):
+        chunk = list(texts[start : start + step])
+        encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
+        if at_limit:
+            full = tokenizer([chunk[i] for i in at_limit], truncation=False, padding=False)["input_ids"]
+            n_truncated += sum(len(seq) > max_length for seq in full)
+        ids.extend(encoded)
+    lengths = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
+    if len(lengths) and lengths.min() == 0:
+        empty = int(np.argmin(lengths))
+        raise ConfigError(f"prompt {empty} tokenises to no tokens; remove it or fix the tokenizer")
+    return TokenizedPrompts(ids, lengths, n_truncated, max_length)
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Yield index arrays of at most `batch_size`, longest first, so padding stays small."""
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def pad_batch(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of token id lists into (input_ids, attention_mask) on `device`."""
+    width = max(len(seq) for seq in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+class BatchPooler:
+    """The capture transform: shape-checks a hooked tensor, pools it and casts it, on the device.
+
+    Attention patterns (batch, heads, q, k) are turned into (batch, q, heads, max_len) with the key
+    axis zero-padded to the run's longest prompt, so they pool over query tokens like any layer
+    and every row has the same shape.
+    """
+
+    def __init__(self, pooling: str, storage_dtype: torch.dtype, pattern_width: int) -> None:
+        self.pooling = pooling
+        self.storage_dtype = storage_dtype
+        self.pattern_width = pattern_width
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, ref: Any, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.mask is not None, "BatchPooler.mask must be set before each forward"
+        batch, seq = self.mask.shape
+        if ref.kind == "pattern":
+            tensor = tensor.permute(0, 2, 1, 3)
+            tensor = torch.nn.functional.pad(tensor, (0, self.pattern_width - tensor.shape[-1]))
+        if tensor.dim() < 3 or tuple(tensor.shape[:2]) != (batch, seq):
+            raise ConfigError(
+                f"layer {ref.name!r} produced shape {tuple(tensor.shape)}, not (batch={batch}, seq={seq}, ...);"
+                " only token-aligned layers can be extracted, pick another layer"
+            )
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
+        return pool(tensor, self.mask, self.pooling).to(self.storage_dtype)
+
+
+def _samples_per_shard(shapes: dict[str, tuple[int, ...]], mean_tokens: float, per_token: bool, itemsize: int) -> int:
+    row_bytes = sum(int(np.prod(shape)) for shape in shapes.values()) * itemsize
+    per_sample = row_bytes * (mean_tokens if per_token else 1.0)
+    return int(np.clip(SHARD_TARGET_BYTES // max(per_sample, 1), 64, 8192))
+
+
+def plan_extraction(
+    loaded: Any, layers: str | Sequence[str], pooling: str, storage_dtype: torch.dtype,
+    tokens: TokenizedPrompts, samples_per_shard: int | None,
+) -> ExtractionPlan:
+    """Resolve layers and measure each one's stored shape with one forward on the shortest prompt."""
+    adapter = loaded.adapter
+    refs = adapter.resolve(layers)
+    width = int(tokens.lengths.max())
+    probe = int(np.argmin(tokens.lengths))
+    pooler = BatchPooler("first", storage_dtype, width)
+    input_ids, mask = pad_batch([tokens.ids[probe]], loaded.tokenizer.pad_token_id, loaded.device)
+    pooler.mask = mask
+    with torch.inference_mode(), adapter.attention_patterns(refs), Capture(refs, pooler, stop_early=True) as cap:
+        cap.run(adapter.forward, input_ids, mask, refs)
+    if cap.missing():
+        raise ConfigError(f"layers {', '.join(cap.missing())} did not run in a forward pass of {loaded.name}; pick others")
+    shapes = {ref.name: tuple(cap.outputs[ref.name].shape[1:]) for ref in refs}
+    kinds = {ref.name: ref.kind for ref in refs}
+    offsets = np.zeros(len(tokens.lengths) + 1, dtype=np.int64)
+    np.cumsum(tokens.lengths, out=offsets[1:])
+    per_token = pooling == "none"
+    if samples_per_shard is None:
+        itemsize = torch.finfo(storage_dtype).bits // 8
+        samples_per_shard = _samples_per_shard(shapes, float(tokens.lengths.mean()), per_token, itemsize)
+    if samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    return ExtractionPlan(refs, shapes, kinds, samples_per_shard, offsets)
+
+
+def extract_shard(
+    loaded: Any, plan: ExtractionPlan, tokens: TokenizedPrompts, samples: range, pooler: BatchPooler,
+    batch_size: int, on_batch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Extract the samples of one shard; rows come back in original sample order.
+
+    Returns a dict layer -> array of shape (n_rows, *feature), where n_rows is the number of
+    samples (pooled) or of real tokens (pooling "none").
+    """
+    adapter = loaded.adapter
+    per_token = pooler.pooling == "none"
+    first, last = samples.start, samples.stop
+    row_base = plan.row_offsets[first] if per_token else first
+    n_rows = int(plan.row_offsets[last] - plan.row_offsets[first]) if per_token else last - first
+    dtype = np.float16 if pooler.storage_dtype == torch.float16 else np.float32
+    out = {name: np.empty((n_rows, *shape), dtype=dtype) for name, shape in plan.shapes.items()}
+    lengths = tokens.lengths[first:last]
+    with torch.inference_mode(), adapter.attention_patterns(plan.refs), Capture(plan.refs, pooler, stop_early=True) as cap:
+        for local in length_sorted_batches(lengths, batch_size):
+            index = local + first
+            input_ids, mask = pad_batch([tokens.ids[i] for i in index], loaded.tokenizer.pad_token_id, loaded.device)
+            pooler.mask = mask
+            cap.run(adapter.forward, input_ids, mask, plan.refs)
+            for name, value in cap.outputs.items():
+                host = value.cpu().numpy()
+                if per_token:
+                    cursor = 0
+                    for sample in index:
+                        size = int(tokens.lengths[sample])
+                        start = int(plan.row_offsets[sample] - row_base)
+                        out[name][start : start + size] = host[cursor : cursor + size]
+                        cursor += size
+                else:
+                    out[name][local] = host
+            if on_batch is not None:
+                on_batch(len(index))
+    return out
+
+
+def _progress(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    class _Rate(TextColumn):
+        def __init__(self) -> None:
+            super().__init__("")
+
+        def render(self, task: Any) -> Any:  # samples/s from rich's own speed estimate
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} samples/s" if speed else "-- samples/s")
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
+    progress.add_task(description, total=total)
+    return progress
+
+
+def extract(
+    model: Any,
+    prompts: Any,
+    layers: str | Sequence[str] = "blocks.*",
+    out: str | Path | None = None,
+    pooling: str = "mean",
+    format: str = "hdf5",
+    dtype: str = "float32",
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: str = "auto",
+    model_dtype: str = "auto",
+    compression: str | None = None,
+    overwrite: bool = False,
+    text_column: str | None = None,
+    samples_per_shard: int | None = None,
+    progress: bool = False,
+) -> Any:
+    """Extract activations of `layers` for every prompt and store them as a run at `out`.
+
+    Parameters
+    ----------
+    model : str, path or LoadedModel
+        Registry name (`gpt2`, `all-minilm-l6-v2`), local folder, hub id, or an already loaded model.
+    prompts : path, list of str or pandas.DataFrame
+        .txt/.jsonl/.csv/.parquet file, or texts in memory; label columns are kept in the run.
+    layers : str or list of str
+        Canonical names, globs and ranges: `blocks.*`, `blocks.0-5.mlp`, `final`, `module:<path>`.
+    out : path
+        Run directory. Default `runs/<model>-<timestamp>`.
+    pooling : {"mean", "last", "first", "max", "none"}
+        How tokens are pooled; `none` stores one row per real token with its `token_index`.
+    format : {"hdf5", "parquet"}
+    dtype : {"float32", "float16"}
+        Storage dtype (the cast happens on the device).
+    batch_size, max_length : int
+        Prompts per forward pass; tokens per prompt (longer prompts are truncated and counted).
+    samples_per_shard : int, optional
+        Samples per shard; by default chosen so a shard buffers about 256 MB.
+
+    Returns
+    -------
+    Run
+        The completed run, opened (`run.array(layer)`, `run.prompts`, ...).
+    """
+    from .models import LoadedModel, load_model
+    from .store import Manifest, RunWriter, open_run
+
+    check_pooling(pooling)
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is not supported; use one of {', '.join(FORMATS)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported for storage; use one of {', '.join(STORAGE_DTYPES)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
+    if max_length < 2:
+        raise ConfigError(f"max_length={max_length} must be >= 2")
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=model_dtype)
+    frame = load_prompts(prompts, text_column=text_column)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
+    if limit and max_length > limit:
+        max_length = int(limit)
+    tokens = tokenize_prompts(loaded.tokenizer, frame["text"].tolist(), max_length)
+    storage_dtype = STORAGE_DTYPES[dtype]
+    plan = plan_extraction(loaded, layers, pooling, storage_dtype, tokens, samples_per_shard)
+
+    per_token = pooling == "none"
+    n_samples = len(frame)
+    out = Path(out) if out is not None else Path("runs") / f"{Path(str(loaded.name)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    manifest = Manifest.new(
+        model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,
+        layers={name: dict(shape=list(shape), dtype=dtype, kind=plan.kinds[name], per_token=per_token)
+                for name, shape in plan.shapes.items()},
+        pooling=pooling, dtype=dtype, format=format, compression=compression,
+        prompt_source=str(prompts) if isinstance(prompts, (str, Path)) else "<memory>",
+        prompt_source_hash=prompt_source_hash(frame), n_samples=n_samples,
+        n_tokens=int(tokens.lengths.sum()), n_truncated=tokens.n_truncated, max_length=max_length,
+        extra={"samples_per_shard": plan.samples_per_shard, "batch_size": batch_size, "source": str(loaded.source),
+               "model_dtype": str(loaded.dtype).replace("torch.", "")},
+    )
+    writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
+    writer.write_prompts(frame)
+    pooler = BatchPooler(pooling, storage_dtype, pattern_width=int(tokens.lengths.max()))
+    shards = [range(s, min(s + plan.samples_per_shard, n_samples)) for s in range(0, n_samples, plan.samples_per_shard)]
+    try:
+        with _progress(progress, n_samples, f"extract {loaded.name}") as bar:
+            for index, samples in enumerate(shards):
+                if all(writer.committed(name, index) for name in plan.shapes):
+                    bar.advance(0, len(samples))
+                    continue
+                arrays = extract_shard(loaded, plan, tokens, samples, pooler, batch_size,
+                                       on_batch=lambda n: bar.advance(0, n))
+                sample_ids = frame["sample_id"].to_numpy()[samples.start : samples.stop]
+                if per_token:
+                    rows = (int(plan.row_offsets[samples.start]), int(plan.row_offsets[samples.stop]))
+                    ids = np.repeat(sample_ids, tokens.lengths[samples.start : samples.stop])
+                    token_index = np.concatenate([np.arange(n, dtype=np.int32) for n in tokens.lengths[samples.start : samples.stop]])
+                else:
+                    rows = (samples.start, samples.stop)
+                    ids, token_index = sample_ids, None
+                for name, array in arrays.items():
+                    if not writer.committed(name, index):
+                        writer.write_shard(name, index, rows=rows, samples=(samples.start, samples.stop),
+                                           activations=array, sample_ids=ids, token_index=token_index)
+        writer.complete()
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # the run stays resumable; mark why it stopped
+        with contextlib.suppress(Exception):
+            writer.fail(f"{type(error).__name__}: {error}")
+        raise
+    return open_run(out)
+

@@ -1,0 +1,246 @@
+"""Load a model and its tokenizer by local folder, registry name or hub id.
+
+Resolution order: an existing local folder -> a registry entry (its ``local_package`` first when it is
+importable, else its hub id) -> any other string as a hub id. Loading always goes through
+``AutoModel*.from_pretrained`` and ``AutoTokenizer.from_pretrained``, so whatever transformers can load,
+NeuronMap can. Names that resolve to nothing raise ``UnknownModelError`` with close registry names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuronmap.errors import ConfigError, UnknownModelError
+from neuronmap.models.registry import ModelEntry, get_entry, suggest
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "camembert", "deberta",
+                 "deberta-v2", "mpnet", "modernbert", "ernie"}
+# Keys that describe where or how a config was loaded, not the model: left out of config_hash.
+_VOLATILE_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
+                  "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal"}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction: in ``eval()`` mode, on ``device``, with a padding tokenizer.
+
+    ``source`` is what ``from_pretrained`` was given (a folder or a hub id); ``name`` the registry name
+    when there is one, else the string the user passed. ``config_hash`` is the sha256 of the config
+    JSON without load-time keys (path, transformers version, dtype, attention implementation).
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    family: str
+    device: str
+    dtype: str
+    config_hash: str
+
+    @cached_property
+    def adapter(self):
+        from neuronmap.models.adapter import ModelAdapter
+
+        return ModelAdapter(self.model, name=self.name)
+
+
+def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", head: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        Local folder (``save_pretrained`` layout), registry name (``neuronmap models list``) or hub id.
+    device : str
+        ``"auto"`` (CUDA when available, else CPU) or any torch device string.
+    dtype : {"auto", "float32", "float16", "bfloat16"}
+        ``"auto"`` keeps the checkpoint's dtype on CUDA and uses float32 on CPU (half precision on CPU is
+        slow and some kernels lack it).
+    head : bool
+        False loads the base model (``AutoModel``); True the model with its LM head (causal LM,
+        masked LM or seq2seq LM, by the model's kind).
+    attn_implementation : str, optional
+        Passed to ``from_pretrained`` (``"eager"``, ``"sdpa"``, ...); None keeps transformers' default.
+    """
+    if dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"dtype {dtype!r} is not supported: use auto, float32, float16 or bfloat16")
+    target = _device(device)
+    name, source, entry = _resolve(str(name_or_path))
+    config = _load_config(name, source, entry)
+
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    kind = entry.kind if entry else infer_kind(config)
+    auto = AutoModel
+    if head:
+        auto = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM,
+                "encoder-decoder": AutoModelForSeq2SeqLM}[kind]
+    if dtype == "auto":
+        torch_dtype: Any = "auto" if target.type == "cuda" else torch.float32
+    else:
+        torch_dtype = DTYPES[dtype]
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with _quiet_load_report():
+        model, info = auto.from_pretrained(source, config=config, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        warnings.warn(f"{name}: {len(missing)} weights are not in the checkpoint and were initialised at random "
+                      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
+    model.to(target).eval()
+    tokenizer = _load_tokenizer(name, source)
+    param = next(model.parameters())
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
+                       family=getattr(config, "model_type", "") or (entry.family if entry else ""),
+                       device=str(param.device), dtype=str(param.dtype).removeprefix("torch."),
+                       config_hash=config_hash(config))
+
+
+def config_hash(config) -> str:
+    """sha256 of the config as sorted JSON, without the load-time keys in ``_VOLATILE_KEYS``."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in _VOLATILE_KEYS}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    text = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def infer_kind(config) -> str:
+    """decoder | encoder | encoder-decoder, from a config (for models outside the registry)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if getattr(config, "model_type", None) in ENCODER_TYPES:
+        return "encoder"
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "decoder"
+    if any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in architectures):
+        return "encoder"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return "decoder" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "encoder"
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for CUDA but none is available: use --device cpu or auto")
+    return target
+
+
+def _resolve(name_or_path: str) -> tuple[str, str, ModelEntry | None]:
+    """(display name, source for from_pretrained, registry entry or None)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"folder {name_or_path!r} has no config.json: not a transformers model folder "
+                                    "(write one with model.save_pretrained(folder))")
+        return name_or_path, str(path.resolve()), None
+    entry = get_entry(name_or_path)
+    if entry is not None:
+        folder = _package_folder(entry.local_package) if entry.local_package else None
+        return entry.name, str(folder) if folder else entry.hub_id, entry
+    if name_or_path.startswith(("/", "./", "../", "~")) or path.exists():
+        raise UnknownModelError(f"model folder {name_or_path!r} does not exist: pass an existing folder, a registry "
+                                "name or a hub id. See `neuronmap models list`")
+    return name_or_path, name_or_path, None
+
+
+def _package_folder(package: str) -> Path | None:
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    folder = Path(module.get_model_path())
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _load_config(name: str, source: str, entry: ModelEntry | None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if entry is not None:
+            raise UnknownModelError(
+                f"model {name!r} (hub id {entry.hub_id}) is neither in the local Hugging Face cache nor reachable on "
+                f"the hub ({reason}); download it once with network access or pass a local folder") from exc
+        if Path(source).is_dir():
+            raise UnknownModelError(f"cannot read the model config in {source!r}: {reason}") from exc
+        close = suggest(name)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownModelError(f"unknown model {name!r}: not a local folder, a registry name or a reachable hub id; "
+                                f"{hint}See `neuronmap models list`") from exc
+
+
+def _load_tokenizer(name: str, source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model {name!r} has no loadable tokenizer in {source!r}: save one next to the weights "
+                          "with tokenizer.save_pretrained(folder)") from exc
+    ensure_padding(tokenizer)
+    return tokenizer
+
+
+def ensure_padding(tokenizer) -> None:
+    """Give ``tokenizer`` a pad token (eos, unk, bos, then id 0) and right padding, in place.
+
+    The pad id only fills masked positions, so reusing another special token is safe; right padding
+    keeps every real token at the same position as in an unpadded forward.
+    """
+    if tokenizer.pad_token is None:
+        for candidate in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+            if candidate is not None:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = "right"
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_load_report():
+    """Hide transformers' load report: unexpected head weights are normal when loading a base model,
+    and missing weights are re-raised by load_model as one warning.
+
+    A filter, not a higher log level: transformers 5 runs an extra tensor-parallel check (and logs its
+    own warnings) when the modeling_utils logger level is WARNING or above.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_load_report)

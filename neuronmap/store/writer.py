@@ -1,0 +1,384 @@
+"""RunWriter: creates or resumes a run and commits shards atomically.
+
+Commit protocol for one shard (what makes a crash or a full disk harmless):
+1. write `part-NNNNN.<ext>.tmp-<pid>-<rand>` in the layer's folder, flush + fsync, hash it;
+2. rename it to `part-NNNNN.<ext>` (atomic on one filesystem), fsync the folder;
+3. rewrite `manifest.json` atomically with the new ShardRecord.
+The manifest therefore never lists a shard that is not whole on disk. Any OSError on the way removes
+the temp file and raises a one-line StorageError; re-running the same command resumes.
+
+Manifest updates are read-modify-write under an advisory lock (`<run>/.lock`), so several
+processes (Ray workers, via `RunWriter.attach`) may commit shards of the same run on a local or
+POSIX shared filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from ..errors import ConfigError, RunExistsError, RunFormatError, StorageError
+from .manifest import (
+    ACTIVATIONS_DIR, FORMATS, MANIFEST_NAME, PROMPTS_NAME, TMP_MARKER, Manifest, ShardRecord, _first_error,
+    coverage_problems, fsync_dir, load_manifest, neuronmap_version, now_iso, shard_relpath, storage_error,
+    write_manifest,
+)
+from .shards import check_compression, sha256_file, write_shard_file
+from .validate import as_index, check_shard
+
+try:
+    import fcntl
+except ImportError:  # Windows: single-process writing only
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# Fields that must be equal for an unfinished run to be resumed rather than refused.
+RESUME_KEYS = ("model", "config_hash", "tokenizer", "layers", "pooling", "dtype", "format", "compression",
+               "prompt_source_hash", "max_length", "n_samples")
+# Fields `update`/`complete` may not change (the writer owns them).
+OWNED_KEYS = ("status", "error", "shards", "schema_version", "created", "updated", "layers", "format")
+
+
+class RunWriter:
+    """Write a run at `path`: create it, or resume an unfinished one with the same configuration.
+
+    Parameters
+    ----------
+    path : path
+        Run folder. Created if missing.
+    manifest : Manifest or dict
+        Run description (`Manifest.new(...)`); status, shards and timestamps are set by the writer.
+    format : {"hdf5", "parquet"}, optional
+        Overrides `manifest.format`.
+    compression : str, optional
+        hdf5: gzip | lzf; parquet: snappy | gzip | zstd | lz4 | brotli. Overrides `manifest.compression`.
+    overwrite : bool
+        Replace whatever run is at `path` (it is deleted first). Without it a complete run raises
+        RunExistsError and an unfinished run of another configuration raises ConfigError.
+
+    Attributes
+    ----------
+    resumed : bool
+        True when an unfinished run was reopened; its committed shards were kept.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: Manifest | dict, format: str | None = None,
+                 compression: str | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        if isinstance(manifest, dict):
+            manifest = Manifest.new(**manifest)
+        fmt = format or manifest.format
+        if fmt not in FORMATS:
+            raise ConfigError(f"format={fmt!r} is not supported; use one of {', '.join(FORMATS)}")
+        compression = check_compression(fmt, compression if compression is not None else manifest.compression)
+        stamp = now_iso()
+        fresh = manifest.model_copy(deep=True, update=dict(
+            format=fmt, compression=compression, status="running", error=None, shards=[], created=stamp,
+            updated=stamp, neuronmap_version=neuronmap_version()))
+        self.resumed = False
+        self._stat: tuple | None = None
+        old = self._existing(overwrite)
+        if old is not None:
+            fresh = self._resume(old, fresh)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / ACTIVATIONS_DIR).mkdir(exist_ok=True)
+        except OSError as error:
+            raise storage_error(error, self.path) from None
+        with self._lock():
+            self._save(fresh)
+        if self.resumed:
+            self._remove_temp_files()
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike) -> "RunWriter":
+        """Writer for an existing *running* run, for extra processes committing shards (no cleanup)."""
+        manifest = load_manifest(path)
+        if manifest.status != "running":
+            raise RunFormatError(f"run {path} is {manifest.status}; only a running run accepts shards")
+        self = cls.__new__(cls)
+        self.path, self.resumed, self._stat, self._manifest = Path(path), True, None, manifest
+        self._remember_stat()
+        return self
+
+    # -- public API ------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as this writer last wrote or read it (do not mutate)."""
+        return self._manifest
+
+    def write_prompts(self, df: pd.DataFrame) -> None:
+        """Store the prompts (`sample_id` int64 added as 0..n-1 when missing, `text`, labels) atomically."""
+        if not isinstance(df, pd.DataFrame):
+            raise ConfigError(f"prompts must be a pandas DataFrame, got {type(df).__name__}")
+        if "text" not in df.columns:
+            raise ConfigError(f"prompts need a 'text' column; got columns {list(map(str, df.columns))}")
+        if len(df) != self._manifest.n_samples:
+            raise ConfigError(f"prompts have {len(df)} rows but the run has n_samples={self._manifest.n_samples}")
+        df = df.reset_index(drop=True)
+        if "sample_id" not in df.columns:
+            df.insert(0, "sample_id", np.arange(len(df), dtype=np.int64))
+        try:
+            df["sample_id"] = df["sample_id"].astype(np.int64)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"prompt column 'sample_id' must be integers: {error}") from None
+        if not df["sample_id"].is_unique:
+            raise ConfigError("prompt column 'sample_id' has duplicates; every prompt needs its own id")
+        try:
+            table = pa.Table.from_pandas(df, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise ConfigError(f"prompts cannot be stored as Parquet: {' '.join(str(error).split())}") from None
+        final = self.path / PROMPTS_NAME
+        tmp = self._tmp_name(final)
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as error:
+            _remove(tmp)
+            raise storage_error(error, final) from None
+        except BaseException:
+            _remove(tmp)
+            raise
+        fsync_dir(self.path)
+
+    def write_shard(self, layer: str, shard_index: int, rows: tuple[int, int], samples: tuple[int, int],
+                    activations: np.ndarray, sample_ids: np.ndarray,
+                    token_index: np.ndarray | None = None) -> ShardRecord:
+        """Commit rows `[rows[0], rows[1])` of `layer` as shard `shard_index` (atomic; see module doc).
+
+        activations : ndarray of shape (rows[1] - rows[0], *layer_shape), cast to the layer's dtype
+        sample_ids : ndarray of shape (n_rows,), the prompt's sample_id for every row
+        token_index : ndarray of shape (n_rows,), per-token layers only (position in the prompt)
+        samples : the prompts `[start, end)` (positions in prompts.parquet) this shard holds
+        """
+        manifest = self._manifest
+        args = check_shard(manifest, layer, shard_index, rows, samples, activations, sample_ids, token_index)
+        final = self.path / args.relpath
+        tmp = self._tmp_name(final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            write_shard_file(tmp, manifest.format, layer, args.activations, args.sample_ids, args.token_index,
+                             manifest.compression, attrs={"rows": list(args.rows), "samples": list(args.samples)})
+            digest, size = sha256_file(tmp), tmp.stat().st_size
+        except OSError as error:
+            _remove(tmp)
+            raise storage_error(error, final) from None
+        except BaseException:
+            _remove(tmp)
+            raise
+        record = ShardRecord(path=args.relpath, layer=layer, rows=args.rows, samples=args.samples, sha256=digest,
+                             bytes=size)
+        self._commit(tmp, final, record)
+        return record
+
+    def committed(self, layer: str, shard_index: int) -> bool:
+        """True when shard `shard_index` of `layer` is in the manifest and its file is there, whole."""
+        self._manifest.layer(layer)
+        relpath = shard_relpath(layer, as_index(shard_index), self._manifest.format)
+        for shard in self._manifest.shards:
+            if shard.path == relpath:
+                try:
+                    return (self.path / relpath).stat().st_size == shard.bytes
+                except OSError:
+                    return False
+        return False
+
+    def update(self, **fields: Any) -> Manifest:
+        """Change descriptive manifest fields (e.g. n_tokens, n_truncated, extra) and save atomically."""
+        with self._lock():
+            manifest = self._apply(self._reload(), fields)
+            self._save(manifest)
+        return manifest
+
+    def complete(self, **fields: Any) -> Manifest:
+        """Check every layer covers its rows exactly once with whole files, then mark the run complete.
+
+        `fields` are applied first like `update`. Gaps, overlaps or missing files raise RunFormatError
+        and leave the run running (resumable).
+        """
+        with self._lock():
+            manifest = self._apply(self._reload(), fields)
+            problems = coverage_problems(manifest)
+            for shard in manifest.shards:
+                try:
+                    size = (self.path / shard.path).stat().st_size
+                except OSError:
+                    size = None
+                if size != shard.bytes:
+                    problems.append(f"shard {shard.path} is missing or has the wrong size")
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise RunFormatError(f"cannot complete run {self.path}: {problems[0]}{more}")
+            manifest.status, manifest.error = "complete", None
+            self._save(manifest)
+        return manifest
+
+    def fail(self, message: str) -> None:
+        """Mark the run failed with a one-line `message`; committed shards stay and can be resumed."""
+        with self._lock():
+            manifest = self._reload()
+            manifest.status, manifest.error = "failed", " ".join(str(message).split()) or "failed"
+            self._save(manifest)
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and self._manifest.status == "running":
+            with contextlib.suppress(Exception):
+                self.fail(f"{exc_type.__name__}: {exc}")
+        return False
+
+    # -- creating / resuming ---------------------------------------------------------------------
+    def _existing(self, overwrite: bool) -> Manifest | None:
+        """Deal with what is at `path`; return the old manifest when it is to be resumed."""
+        path = self.path
+        if not path.exists():
+            return None
+        if not path.is_dir():
+            raise ConfigError(f"output {path} exists and is not a folder; choose another output folder")
+        is_run = (path / MANIFEST_NAME).exists()
+        if not is_run:
+            if any(path.iterdir()):
+                raise RunExistsError(f"{path} is not empty and is not a NeuronMap run (no {MANIFEST_NAME}); "
+                                     "choose another output folder, it will not be deleted")
+            return None
+        if overwrite:
+            try:
+                shutil.rmtree(path)
+            except OSError as error:
+                raise StorageError(f"cannot delete the old run at {path} for --overwrite: {error.strerror or error}") from None
+            return None
+        try:
+            old = load_manifest(path)
+        except RunFormatError as error:
+            raise RunFormatError(f"{error}; pass --overwrite to replace it") from None
+        if old.status == "complete":
+            raise RunExistsError(f"a complete run already exists at {path}; pass --overwrite to replace it "
+                                 "or choose another output folder")
+        return old
+
+    def _resume(self, old: Manifest, new: Manifest) -> Manifest:
+        differ = [k for k in RESUME_KEYS if getattr(old, k) != getattr(new, k)]
+        if old.n_tokens is not None and new.n_tokens is not None and old.n_tokens != new.n_tokens:
+            differ.append("n_tokens")
+        if differ:
+            raise ConfigError(f"{self.path} holds an unfinished ({old.status}) run of a different configuration "
+                              f"(differs in: {', '.join(differ)}); pass --overwrite to replace it or choose another output folder")
+        kept = []
+        for shard in old.shards:
+            try:
+                whole = (self.path / shard.path).stat().st_size == shard.bytes
+            except OSError:
+                whole = False
+            if whole:
+                kept.append(shard)
+            else:
+                log.warning("dropping shard %s from the resumed run: file missing or truncated", shard.path)
+        self.resumed = True
+        log.info("resuming run %s: %d committed shards kept", self.path, len(kept))
+        return new.model_copy(update=dict(shards=kept, created=old.created))
+
+    def _remove_temp_files(self) -> None:
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                if TMP_MARKER in name:
+                    _remove(Path(root) / name)
+
+    # -- manifest plumbing -----------------------------------------------------------------------
+    def _commit(self, tmp: Path, final: Path, record: ShardRecord) -> None:
+        """Rename the finished temp file into place and list it, never listing a file that is not there."""
+        renamed = False
+        try:
+            with self._lock():
+                manifest = self._reload()
+                if any(s.path == record.path for s in manifest.shards):  # re-writing: unlist the old file first
+                    manifest.shards = [s for s in manifest.shards if s.path != record.path]
+                    self._save(manifest)
+                try:
+                    os.replace(tmp, final)
+                except OSError as error:
+                    raise storage_error(error, final) from None
+                renamed = True
+                fsync_dir(final.parent)
+                manifest.shards.append(record)
+                manifest.updated = now_iso()
+                self._save(manifest)
+        except BaseException:
+            _remove(tmp)
+            if renamed:
+                _remove(final)
+            raise
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise storage_error(error, self.path / LOCK_NAME) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _reload(self) -> Manifest:
+        """Latest manifest on disk (skipped when nobody rewrote it since our last write). Hold the lock."""
+        if self._stat is None or self._current_stat() != self._stat:
+            self._manifest = load_manifest(self.path)
+            self._remember_stat()
+        return self._manifest.model_copy(deep=True)
+
+    def _save(self, manifest: Manifest) -> None:
+        manifest.updated = now_iso()
+        write_manifest(self.path, manifest)
+        self._manifest = manifest
+        self._remember_stat()
+
+    def _current_stat(self) -> tuple | None:
+        try:
+            st = (self.path / MANIFEST_NAME).stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _remember_stat(self) -> None:
+        self._stat = self._current_stat()
+
+    def _apply(self, manifest: Manifest, fields: dict[str, Any]) -> Manifest:
+        owned = sorted(set(fields) & set(OWNED_KEYS))
+        if owned:
+            raise ConfigError(f"the writer manages {', '.join(owned)}; they cannot be set through update/complete")
+        try:
+            return Manifest.model_validate({**manifest.model_dump(), **fields})
+        except ValidationError as error:
+            raise ConfigError(f"invalid manifest update: {_first_error(error)}") from None
+
+    @staticmethod
+    def _tmp_name(final: Path) -> Path:
+        return final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

