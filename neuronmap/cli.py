@@ -42,6 +42,7 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers always importable in practice
         pass
 
@@ -113,13 +114,13 @@ def models_layers(
     loaded = load_model(model, device=device)
     rows = loaded.adapter.describe(loaded.tokenizer)
     if as_json:
-        _print_json([{"name": name, "shape": shape} for name, shape in rows])
+        _print_json([{"name": r.name, "kind": r.kind, "module": r.module_path, "shape": list(r.shape)} for r in rows])
         return
     table = Table(title=f"{loaded.name}: {len(rows)} layers ({loaded.family})")
-    table.add_column("layer")
-    table.add_column("shape per token")
-    for name, shape in rows:
-        table.add_row(name, str(tuple(shape)))
+    for column in ("layer", "kind", "module", "shape per token"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, row.kind, row.module_path, str(tuple(row.shape)))
     console.print(table)
     console.print("Select with names, globs (blocks.*.mlp), ranges (blocks.0-3) or module:<dotted.path>.")
 
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     import click
 
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except NeuronMapError as error:
         err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[red]internal error:[/] {type(error).__name__}: {error} "
                           "(set NEURONMAP_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1
-    return 0
+    # In non-standalone mode click returns the code of a `typer.Exit` instead of raising it.
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

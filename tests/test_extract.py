@@ -220,3 +220,23 @@ def test_minilm_mean_pooling_ranks_paraphrases_above_unrelated(tmp_path):
         a, b = 2 * i, 2 * i + 1
         unrelated = [sims[a, j] for j in range(len(texts)) if j not in (a, b)]
         assert sims[a, b] > max(unrelated), (pairs[i], sims[a, b], max(unrelated))
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "opt", "bert", "roberta", "distilbert", "t5"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_extracts_every_canonical_layer(family, tiny_model, tmp_path):
+    lm = tiny_model(family)
+    names = lm.adapter.layer_names()
+    run = neuronmap.extract(lm, PROMPTS[:4], layers=names, out=tmp_path / family, pooling="mean", batch_size=3)
+    assert run.manifest.status == "complete"
+    assert sorted(run.layers) == sorted(names)
+    d = lm.model.config.d_model if family == "t5" else lm.model.config.hidden_size
+    for name in names:
+        array = run.array(name)
+        assert np.isfinite(array).all(), name
+        if name.endswith(".pattern"):
+            np.testing.assert_allclose(array.sum(-1), 1.0, atol=1e-5, err_msg=name)
+        else:
+            assert array.shape == (4, d), (name, array.shape)

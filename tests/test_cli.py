@@ -1,0 +1,148 @@
+"""The `neuronmap` command: exit codes, one-line errors, and no damage on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuronmap.cli import main
+from neuronmap.store import open_run
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tiny_model_dir):
+    return str(tiny_model_dir("gpt2"))
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Hello world\nThe cat sat on the mat.\nWhy?\n", encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err, *words):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word.lower() in err.lower(), (word, err)
+
+
+def test_extract_then_show_verify_export(capsys, gpt2_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0-1", "-o", out, "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["status"] == "complete" and summary["n_samples"] == 3
+    assert set(summary["layers"]) == {"blocks.0", "blocks.1"}
+
+    code, stdout, _ = run_cli(capsys, "runs", "show", out, "--json")
+    assert code == 0 and json.loads(stdout)["shards"] == 2
+    code, stdout, _ = run_cli(capsys, "runs", "verify", out)
+    assert code == 0 and "ok" in stdout
+
+    code, _, _ = run_cli(capsys, "runs", "export", out, "--to", "parquet", "--out", tmp_path / "pq")
+    assert code == 0
+    np.testing.assert_array_equal(open_run(tmp_path / "pq").array("blocks.1"), open_run(out).array("blocks.1"))
+    code, _, _ = run_cli(capsys, "runs", "export", out, "--to", "csv", "--out", tmp_path / "x.csv", "--layers", "blocks.1")
+    assert code == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "x.csv")
+    np.testing.assert_allclose(table.filter(like="blocks.1").to_numpy(), open_run(out).array("blocks.1"), rtol=1e-6)
+
+
+def test_verify_reports_corruption_with_exit_3(capsys, gpt2_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(capsys, "extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0", "-o", out, "-q")[0] == 0
+    shard = next((out / "activations").rglob("part-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "runs", "verify", out)
+    assert code == 3 and "sha256" in err.lower()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_model", "unknown_layer", "empty_prompts", "latin1_prompts", "missing_column", "exists", "unwritable",
+     "bad_pooling"],
+)
+def test_bad_input_is_one_line_exit_2_and_no_damage(case, capsys, gpt2_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    args = ["extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0", "-o", out, "-q"]
+    words = []
+    if case == "unknown_model":
+        args[2], words = "gtp2", ["unknown model", "gpt2"]
+    elif case == "unknown_layer":
+        args[6], words = "blocks.99", ["blocks.99", "blocks.0"]
+    elif case == "empty_prompts":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("\n\n")
+        args[4], words = empty, ["empty"]
+    elif case == "latin1_prompts":
+        bad = tmp_path / "latin1.txt"
+        bad.write_bytes("café au lait\n".encode("latin-1"))
+        args[4], words = bad, ["utf-8", "iconv"]
+    elif case == "missing_column":
+        csv = tmp_path / "p.csv"
+        csv.write_text("body,label\nhello,1\n")
+        args[4], words = csv, ["text column", "--text-column", "body"]
+    elif case == "exists":
+        assert main([str(a) for a in args]) == 0
+        capsys.readouterr()
+        words = ["--overwrite"]
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        args[8], words = blocker / "run", [str(blocker)]
+    elif case == "bad_pooling":
+        args += ["--pooling", "median"]
+        words = ["median", "mean"]
+    before = open_run(out).manifest if case == "exists" else None
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2, err
+    assert_one_line_error(err, *words)
+    if case == "exists":
+        assert open_run(out).manifest == before
+    elif case != "unwritable":
+        assert not (out / "activations").exists() or not any((out / "activations").rglob("part-*"))
+
+
+def test_models_commands(capsys, gpt2_dir, tmp_path):
+    code, stdout, _ = run_cli(capsys, "models", "list", "--json")
+    names = {entry["name"] for entry in json.loads(stdout)}
+    assert code == 0 and {"gpt2", "all-minilm-l6-v2", "t5-small", "mistral-7b"} <= names and len(names) >= 19
+    code, stdout, _ = run_cli(capsys, "models", "layers", gpt2_dir, "--json")
+    layers = {row["name"]: row["shape"] for row in json.loads(stdout)}
+    assert code == 0 and layers["blocks.0"] == [64] and "blocks.0.attn.pattern" in layers
+    code, _, _ = run_cli(capsys, "models", "make-tiny", "opt", tmp_path / "opt")
+    assert code == 0 and (tmp_path / "opt" / "config.json").exists()
+    code, _, err = run_cli(capsys, "models", "make-tiny", "gpt5", tmp_path / "x")
+    assert code == 2 and "gpt2" in err
+
+
+def test_doctor_json(capsys):
+    code, stdout, _ = run_cli(capsys, "doctor", "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["torch version"].startswith("2.") and "disk free" in info
+
+
+def test_console_script_exit_code_and_help(tmp_path):
+    exe = Path(sys.executable).with_name("neuronmap")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([str(exe), "extract", "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "--pooling" in done.stdout
+    done = subprocess.run([str(exe), "runs", "show", str(tmp_path / "nothing")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
