@@ -14,7 +14,8 @@ Sources:
 
 Texts lose trailing newlines (``\\n``/``\\r``) and are otherwise kept exactly as written. A source
 column already called ``sample_id`` (or ``text``, when another column is the text column) is kept
-as ``source_sample_id`` (``source_text``).
+as ``source_sample_id`` (``source_text``), unless it is already 0..n-1 (a frame that
+load_prompts itself returned), which is kept as is.
 
 Every problem with the source raises `PromptFileError` with a one-line message naming the file and
 the fix. `prompt_source_hash(df)` fingerprints a loaded table for the run manifest.
@@ -360,7 +361,10 @@ def _finish(df: pd.DataFrame, text_column: str | None, *, where: str, row_label,
         texts.append(text)
 
     rename: dict[Any, str] = {}
-    if "sample_id" in df.columns:
+    already_loaded = "sample_id" in df.columns and df["sample_id"].tolist() == list(range(len(df)))
+    if already_loaded:  # a frame from load_prompts itself: its ids are ours, keep them as they are
+        df = df.drop(columns=["sample_id"])
+    elif "sample_id" in df.columns:
         rename["sample_id"] = "source_sample_id"
     if col != "text" and "text" in df.columns:
         rename["text"] = "source_text"

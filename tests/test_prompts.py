@@ -106,8 +106,11 @@ def test_parquet_roundtrip(tmp_path):
     p2 = tmp_path / "again.parquet"
     df.to_parquet(p2)
     again = load_prompts(p2)
-    assert list(again.columns) == ["sample_id", "text", "source_sample_id", "y", "flag"]
-    assert prompt_source_hash(again.drop(columns="source_sample_id")) == prompt_source_hash(df)
+    assert list(again.columns) == ["sample_id", "text", "y", "flag"]
+    assert prompt_source_hash(again) == prompt_source_hash(df)
+    # ids that are not 0..n-1 belong to the source and are kept beside ours
+    df.assign(sample_id=[7, 8, 9]).to_parquet(p2)
+    assert load_prompts(p2)["source_sample_id"].tolist() == [7, 8, 9]
 
 
 def test_list_and_dataframe_sources():
@@ -317,3 +320,12 @@ def test_shipped_prompts():
     expected_bucket = pd.cut(words, [0, 7, 15, 10**6], labels=["short", "medium", "long"]).astype(str)
     assert (df["length_bucket"] == expected_bucket).all()
     assert {"positive", "negative", "neutral"} == set(df["sentiment"])
+
+
+def test_loaded_frame_loads_again_unchanged():
+    from neuronmap.prompts import DEFAULT_PROMPTS, load_prompts
+
+    first = load_prompts(DEFAULT_PROMPTS).head(20)
+    again = load_prompts(first)
+    assert "source_sample_id" not in again.columns
+    assert again.equals(first)
