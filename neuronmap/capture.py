@@ -110,6 +110,9 @@ class Capture:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _register(self, ref: Any) -> torch.utils.hooks.RemovableHandle:
+        prepare = getattr(ref, "prepare", None)
+        if prepare is not None:  # a helper hook the ref needs (registered first, so it fires first)
+            self._handles.append(prepare())
         if ref.hook == "input":
 
             def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -240,3 +240,25 @@ def test_every_family_extracts_every_canonical_layer(family, tiny_model, tmp_pat
             np.testing.assert_allclose(array.sum(-1), 1.0, atol=1e-5, err_msg=name)
         else:
             assert array.shape == (4, d), (name, array.shape)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "t5"])
+def test_no_hook_survives_extraction_or_a_failing_forward(family, tiny_model, tmp_path, monkeypatch):
+    lm = tiny_model(family)
+
+    def count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+    before = count()
+    names = lm.adapter.layer_names()
+    neuronmap.extract(lm, PROMPTS[:3], layers=names, out=tmp_path / "ok")
+    assert count() == before
+    mlp = lm.adapter.resolve(names[-2])[0].module  # a late module: fails after hooks are in place
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(mlp, "forward", boom)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        neuronmap.extract(lm, PROMPTS[:3], layers=names, out=tmp_path / "bad")
+    assert count() == before

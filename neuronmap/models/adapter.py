@@ -47,9 +47,16 @@ class LayerRef:
     hook: Literal["output", "input"]
     select: Callable[..., torch.Tensor]
     kind: Literal["hidden", "pattern"] = "hidden"
+    # Registers a helper hook the ref needs while it is captured (OPT's MLP records the block's
+    # (batch, seq) shape to un-flatten its rows); whoever hooks the ref registers and removes it too.
+    prepare: Callable[[], torch.utils.hooks.RemovableHandle] | None = None
 
     def attach(self, callback: Callable[[torch.Tensor], Any]) -> torch.utils.hooks.RemovableHandle:
         """Register a hook that calls ``callback(tensor)``; remove it with ``handle.remove()``."""
+        if self.prepare is not None:
+            helper = self.prepare()
+            main = LayerRef(self.name, self.module, self.module_path, self.hook, self.select, self.kind).attach(callback)
+            return _Handles(helper, main)
         if self.hook == "input":
             def pre_hook(_module, args, kwargs):
                 callback(self.select(args, kwargs))
@@ -60,6 +67,17 @@ class LayerRef:
             callback(self.select(output))
 
         return self.module.register_forward_hook(hook)
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, *handles: torch.utils.hooks.RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -291,11 +309,12 @@ class ModelAdapter:
                 self._add(f"{p}blocks.{i}.cross_attn.pattern", *sub(spec.cross_pattern), "output", select_weights,
                           "pattern")
             if spec.mlp and sub(spec.mlp):
-                select = select_first
+                select, prepare = select_first, None
                 if spec.mlp_flat:
-                    block.register_forward_pre_hook(partial(self._record_shape, id(block)), with_kwargs=True)
+                    prepare = partial(block.register_forward_pre_hook, partial(self._record_shape, id(block)),
+                                      with_kwargs=True)
                     select = partial(_select_unflatten, self._flat_shapes, id(block))
-                self._add(f"{p}blocks.{i}.mlp", *sub(spec.mlp), "output", select)
+                self._add(f"{p}blocks.{i}.mlp", *sub(spec.mlp), "output", select, prepare=prepare)
             self._add(f"{p}blocks.{i}", block, bpath, "output", select_first)
         final = get_path(self.base, stack.final) if stack.final else None
         if final is not None:
@@ -316,8 +335,8 @@ class ModelAdapter:
             rel = rel.replace("-1", str(len(block.layer) - 1), 1)
         return module, f"{block_path}.{rel}"
 
-    def _add(self, name, module, path, hook, select, kind="hidden") -> None:
-        self._refs[name] = LayerRef(name, module, path, hook, select, kind)
+    def _add(self, name, module, path, hook, select, kind="hidden", prepare=None) -> None:
+        self._refs[name] = LayerRef(name, module, path, hook, select, kind, prepare)
 
     def _module_ref(self, path: str) -> LayerRef:
         try:

@@ -25,6 +25,8 @@ def capture(adapter: ModelAdapter, refs: list[LayerRef], batch) -> dict[str, tor
     out: dict[str, torch.Tensor] = {}
     handles = []
     for ref in refs:
+        if ref.prepare is not None:
+            handles.append(ref.prepare())
         if ref.hook == "input":
             def pre_hook(_m, args, kwargs, ref=ref):
                 out[ref.name] = ref.select(args, kwargs).detach().clone()
