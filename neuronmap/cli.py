@@ -267,6 +267,26 @@ def demo(
                   "[bold]neuronmap.open_run(path).array(layer)[/].")
 
 
+def _load_plugins() -> None:
+    """Add commands that packages register under the `neuronmap.cli` entry point group.
+
+    This is how the Ray commands (`submit`, `jobs`) from `actors` join the CLI while the core package
+    never imports Ray or `actors` itself. A plugin that fails to import is skipped, not fatal.
+    """
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group="neuronmap.cli"):
+        try:
+            point.load()(app)
+        except Exception as error:  # a broken optional plugin must not break the core commands
+            if os.environ.get("NEURONMAP_DEBUG"):
+                raise
+            err_console.print(f"[yellow]warning:[/] CLI plugin {point.name!r} not loaded: {error}")
+
+
+_load_plugins()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     import click
