@@ -26,6 +26,8 @@ models_app = typer.Typer(help="Preconfigured models, their layers, tiny test mod
 runs_app = typer.Typer(help="Inspect, verify and export stored runs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
+from .analysis.cli import register as register_analyze; register_analyze(app)  # noqa: E402,E702
+from .questions.cli import register as register_generate; register_generate(app)  # noqa: E402,E702
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,6 +71,12 @@ def extract(
     overwrite: bool = typer.Option(False, help="Replace an existing complete run at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    engine: str = typer.Option("local", help="local (this process) | ray (Ray Data actor pool)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto | HOST:PORT | ray://HOST:PORT "
+                                          "(default: an embedded local cluster). --engine ray only."),
+    workers: Optional[int] = typer.Option(None, help="Ray extraction workers (default: autoscale to what fits)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs reserved per Ray worker (default 1)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs reserved per Ray worker (default 0)."),
 ) -> None:
     """Extract activations for every prompt into a run directory (resumes an interrupted run)."""
     from .extraction import extract as run_extract
@@ -77,7 +85,9 @@ def extract(
     run = run_extract(model, prompts, layers=layers, out=out, pooling=pooling, format=format, dtype=dtype,
                       batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
                       compression=compression, overwrite=overwrite, text_column=text_column,
-                      samples_per_shard=samples_per_shard, progress=not (quiet or as_json))
+                      samples_per_shard=samples_per_shard, progress=not (quiet or as_json), engine=engine,
+                      address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                      gpus_per_worker=gpus_per_worker)
     _show_run(run, as_json)
 
 
@@ -273,9 +283,16 @@ def _load_plugins() -> None:
     This is how the Ray commands (`submit`, `jobs`) from `actors` join the CLI while the core package
     never imports Ray or `actors` itself. A plugin that fails to import is skipped, not fatal.
     """
-    from importlib.metadata import entry_points
+    from importlib.metadata import distributions
 
-    for point in entry_points(group="neuronmap.cli"):
+    # Every distribution is scanned (not `entry_points(group=...)`, which keeps the first distribution of
+    # a name only): a stale neuronmap.egg-info in the working directory must not hide installed plugins.
+    points: dict[str, object] = {}
+    for distribution in distributions():
+        for entry in distribution.entry_points:
+            if entry.group == "neuronmap.cli":
+                points.setdefault(entry.name, entry)
+    for point in points.values():
         try:
             point.load()(app)
         except Exception as error:  # a broken optional plugin must not break the core commands

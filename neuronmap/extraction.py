@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,6 +34,7 @@ FORMATS = ("hdf5", "parquet")
 # Target bytes of activations buffered per shard (all layers together) when the caller does not
 # choose `samples_per_shard`: large enough for length sorting to pay off, small enough for laptops.
 SHARD_TARGET_BYTES = 256 * 1024**2
+ENGINE_GROUP = "neuronmap.engines"
 
 
 @dataclass
@@ -54,6 +56,57 @@ class ExtractionPlan:
     kinds: dict[str, str]
     samples_per_shard: int
     row_offsets: np.ndarray  # (n_samples + 1,) first row of each sample (per-token runs)
+
+
+@dataclass
+class RunPlan:
+    """Everything a run's manifest and its shards need, without the model: picklable, so an engine
+    can plan where the model is (a Ray task) and hand the plan to workers.
+
+    ``lengths`` are the token counts of every prompt after truncation, in prompt order; the shard
+    boundaries, the per-token row offsets and the attention-pattern width all follow from them.
+    """
+
+    model: str
+    config_hash: str
+    tokenizer: str
+    source: str
+    model_dtype: str
+    shapes: dict[str, tuple[int, ...]]  # layer -> stored feature shape, in extraction order
+    kinds: dict[str, str]
+    samples_per_shard: int
+    max_length: int
+    lengths: np.ndarray  # (n_samples,)
+    n_truncated: int
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def pattern_width(self) -> int:
+        """Key-axis width of stored attention patterns: the run's longest prompt."""
+        return int(self.lengths.max())
+
+    def shards(self) -> list[range]:
+        """Sample ranges of the shards, in order: shard i holds samples [i*sps, (i+1)*sps)."""
+        n, size = self.n_samples, self.samples_per_shard
+        return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+    @cached_property
+    def row_offsets(self) -> np.ndarray:
+        """(n_samples + 1,) first row of each sample in per-token layers; the last entry is n_tokens."""
+        offsets = np.zeros(self.n_samples + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return offsets
+
+    def first_row(self, sample: int, per_token: bool) -> int:
+        """Row of `sample` in every layer: its position (pooled) or its first token's row (per token)."""
+        return int(self.row_offsets[sample]) if per_token else sample
 
 
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedPrompts:
@@ -202,7 +255,98 @@ def extract_shard(
     return out
 
 
-def _progress(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
+def commit_shard(writer: Any, index: int, samples: range, row_start: int, arrays: dict[str, np.ndarray],
+                 sample_ids: np.ndarray, lengths: np.ndarray, per_token: bool) -> list[Any]:
+    """Commit shard `index` (samples `samples`, rows from `row_start`) of every layer not yet committed.
+
+    sample_ids, lengths : ndarray of shape (len(samples),), the shard's prompts' ids and token counts
+    arrays : layer -> ndarray of shape (n_rows, *feature), as `extract_shard` returns it
+    Returns the ShardRecords written (layers already committed are skipped, so a retried shard
+    neither duplicates nor loses rows).
+    """
+    if per_token:
+        rows = (row_start, row_start + int(lengths.sum()))
+        ids = np.repeat(sample_ids, lengths)
+        token_index = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    else:
+        rows = (samples.start, samples.stop)
+        ids, token_index = sample_ids, None
+    records = []
+    for name, array in arrays.items():
+        if not writer.committed(name, index):
+            records.append(writer.write_shard(name, index, rows=rows, samples=(samples.start, samples.stop),
+                                              activations=array, sample_ids=ids, token_index=token_index))
+    return records
+
+
+def plan_run(
+    loaded: Any, texts: Sequence[str], layers: str | Sequence[str], pooling: str, dtype: str, max_length: int,
+    samples_per_shard: int | None,
+) -> tuple[RunPlan, TokenizedPrompts, ExtractionPlan]:
+    """Tokenise every prompt and plan the run (layers, shapes, shard size) where the model is loaded."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
+    if limit and max_length > limit:
+        max_length = int(limit)
+    tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
+    plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)
+    run_plan = RunPlan(
+        model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,
+        source=str(loaded.source), model_dtype=str(loaded.dtype).replace("torch.", ""), shapes=plan.shapes,
+        kinds=plan.kinds, samples_per_shard=plan.samples_per_shard, max_length=max_length, lengths=tokens.lengths,
+        n_truncated=tokens.n_truncated)
+    return run_plan, tokens, plan
+
+
+def new_manifest(plan: RunPlan, prompts: Any, frame: Any, pooling: str, dtype: str, format: str,
+                 compression: str | None, batch_size: int) -> Any:
+    """The manifest of a run planned by `plan` (the same for every engine)."""
+    from .store import Manifest
+
+    return Manifest.new(
+        model=plan.model, config_hash=plan.config_hash, tokenizer=plan.tokenizer,
+        layers={name: dict(shape=list(shape), dtype=dtype, kind=plan.kinds[name], per_token=pooling == "none")
+                for name, shape in plan.shapes.items()},
+        pooling=pooling, dtype=dtype, format=format, compression=compression,
+        prompt_source=str(prompts) if isinstance(prompts, (str, Path)) else "<memory>",
+        prompt_source_hash=prompt_source_hash(frame), n_samples=len(frame),
+        n_tokens=int(plan.lengths.sum()), n_truncated=plan.n_truncated, max_length=plan.max_length,
+        extra={"samples_per_shard": plan.samples_per_shard, "batch_size": batch_size, "source": plan.source,
+               "model_dtype": plan.model_dtype},
+    )
+
+
+def default_out(model_name: str) -> Path:
+    """`runs/<model>-<timestamp>`: where a run goes when the caller names no folder."""
+    return Path("runs") / f"{Path(str(model_name)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def engine_names() -> list[str]:
+    """`local` plus every engine installed under the `neuronmap.engines` entry point group."""
+    from importlib.metadata import entry_points
+
+    return ["local", *sorted({point.name for point in entry_points(group=ENGINE_GROUP)} - {"local"})]
+
+
+def load_engine(engine: str) -> Callable[..., Any]:
+    """The run function of an installed engine (`neuronmap.engines` entry point), e.g. `ray`.
+
+    The core never imports an engine's package itself: packages such as `actors` register one, so
+    neuronmap stays importable without Ray.
+    """
+    from importlib.metadata import entry_points
+
+    points = [point for point in entry_points(group=ENGINE_GROUP) if point.name == engine]
+    if not points:
+        raise ConfigError(f"engine={engine!r} is not installed; use one of {', '.join(engine_names())} "
+                          f"(engines register under the {ENGINE_GROUP!r} entry point group)")
+    try:
+        return points[0].load()
+    except ImportError as error:
+        raise ConfigError(f"engine {engine!r} cannot be loaded ({error}); install its dependencies "
+                          "(for ray: pip install 'ray[default,data]==2.60.0') or use --engine local") from None
+
+
+def progress_bar(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -241,6 +385,11 @@ def extract(
     text_column: str | None = None,
     samples_per_shard: int | None = None,
     progress: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
 ) -> Any:
     """Extract activations of `layers` for every prompt and store them as a run at `out`.
 
@@ -263,6 +412,13 @@ def extract(
         Prompts per forward pass; tokens per prompt (longer prompts are truncated and counted).
     samples_per_shard : int, optional
         Samples per shard; by default chosen so a shard buffers about 256 MB.
+    engine : {"local", "ray", ...}
+        `local` runs in this process; other engines are looked up in the `neuronmap.engines` entry
+        point group (`ray`: a Ray Data pipeline over an actor pool, from the `actors` package). Every
+        engine produces the same run (same rows, values and manifest apart from timings).
+    address, workers, cpus_per_worker, gpus_per_worker
+        Options of the distributed engines: cluster address (`auto`, `HOST:PORT`, `ray://...`; none
+        starts an embedded local cluster), number of workers, CPUs and GPUs reserved per worker.
 
     Returns
     -------
@@ -270,7 +426,7 @@ def extract(
         The completed run, opened (`run.array(layer)`, `run.prompts`, ...).
     """
     from .models import LoadedModel, load_model
-    from .store import Manifest, RunWriter, open_run
+    from .store import RunWriter, open_run
 
     check_pooling(pooling)
     if format not in FORMATS:
@@ -281,54 +437,46 @@ def extract(
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     if max_length < 2:
         raise ConfigError(f"max_length={max_length} must be >= 2")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard={samples_per_shard} must be >= 1")
+
+    if engine != "local":
+        run_engine = load_engine(engine)
+        return run_engine(
+            model=model, prompts=prompts, layers=layers, out=out, pooling=pooling, format=format, dtype=dtype,
+            batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
+            compression=compression, overwrite=overwrite, text_column=text_column,
+            samples_per_shard=samples_per_shard, progress=progress, address=address, workers=workers,
+            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    given = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+             "gpus_per_worker": gpus_per_worker}
+    if any(value is not None for value in given.values()):
+        names = ", ".join(name for name, value in given.items() if value is not None)
+        raise ConfigError(f"{names} only apply to a distributed engine; pass engine='ray' (--engine ray) "
+                          "or leave them out for the local engine")
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=model_dtype)
     frame = load_prompts(prompts, text_column=text_column)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
-    if limit and max_length > limit:
-        max_length = int(limit)
-    tokens = tokenize_prompts(loaded.tokenizer, frame["text"].tolist(), max_length)
-    storage_dtype = STORAGE_DTYPES[dtype]
-    plan = plan_extraction(loaded, layers, pooling, storage_dtype, tokens, samples_per_shard)
-
+    run_plan, tokens, plan = plan_run(loaded, frame["text"].tolist(), layers, pooling, dtype, max_length,
+                                      samples_per_shard)
     per_token = pooling == "none"
-    n_samples = len(frame)
-    out = Path(out) if out is not None else Path("runs") / f"{Path(str(loaded.name)).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    manifest = Manifest.new(
-        model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,
-        layers={name: dict(shape=list(shape), dtype=dtype, kind=plan.kinds[name], per_token=per_token)
-                for name, shape in plan.shapes.items()},
-        pooling=pooling, dtype=dtype, format=format, compression=compression,
-        prompt_source=str(prompts) if isinstance(prompts, (str, Path)) else "<memory>",
-        prompt_source_hash=prompt_source_hash(frame), n_samples=n_samples,
-        n_tokens=int(tokens.lengths.sum()), n_truncated=tokens.n_truncated, max_length=max_length,
-        extra={"samples_per_shard": plan.samples_per_shard, "batch_size": batch_size, "source": str(loaded.source),
-               "model_dtype": str(loaded.dtype).replace("torch.", "")},
-    )
+    out = Path(out) if out is not None else default_out(loaded.name)
+    manifest = new_manifest(run_plan, prompts, frame, pooling, dtype, format, compression, batch_size)
     writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
     writer.write_prompts(frame)
-    pooler = BatchPooler(pooling, storage_dtype, pattern_width=int(tokens.lengths.max()))
-    shards = [range(s, min(s + plan.samples_per_shard, n_samples)) for s in range(0, n_samples, plan.samples_per_shard)]
+    pooler = BatchPooler(pooling, STORAGE_DTYPES[dtype], pattern_width=run_plan.pattern_width)
+    sample_ids = frame["sample_id"].to_numpy()
     try:
-        with _progress(progress, n_samples, f"extract {loaded.name}") as bar:
-            for index, samples in enumerate(shards):
+        with progress_bar(progress, run_plan.n_samples, f"extract {loaded.name}") as bar:
+            for index, samples in enumerate(run_plan.shards()):
                 if all(writer.committed(name, index) for name in plan.shapes):
                     bar.advance(0, len(samples))
                     continue
                 arrays = extract_shard(loaded, plan, tokens, samples, pooler, batch_size,
                                        on_batch=lambda n: bar.advance(0, n))
-                sample_ids = frame["sample_id"].to_numpy()[samples.start : samples.stop]
-                if per_token:
-                    rows = (int(plan.row_offsets[samples.start]), int(plan.row_offsets[samples.stop]))
-                    ids = np.repeat(sample_ids, tokens.lengths[samples.start : samples.stop])
-                    token_index = np.concatenate([np.arange(n, dtype=np.int32) for n in tokens.lengths[samples.start : samples.stop]])
-                else:
-                    rows = (samples.start, samples.stop)
-                    ids, token_index = sample_ids, None
-                for name, array in arrays.items():
-                    if not writer.committed(name, index):
-                        writer.write_shard(name, index, rows=rows, samples=(samples.start, samples.stop),
-                                           activations=array, sample_ids=ids, token_index=token_index)
+                commit_shard(writer, index, samples, run_plan.first_row(samples.start, per_token), arrays,
+                             sample_ids[samples.start : samples.stop], tokens.lengths[samples.start : samples.stop],
+                             per_token)
         writer.complete()
     except KeyboardInterrupt:
         raise
@@ -337,4 +485,3 @@ def extract(
             writer.fail(f"{type(error).__name__}: {error}")
         raise
     return open_run(out)
-

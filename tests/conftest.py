@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 
+from actors import options as _ray_options  # noqa: E402  (no Ray import: it only sets environment variables)
+
+# Before any test module imports ray: Ray reads this at import time (the cluster binds 127.0.0.1).
+_ray_options.embedded_environment()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -46,3 +51,20 @@ def tiny_model(tiny_model_dir):
         return load_model(tiny_model_dir(family, seed), **kwargs)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """GCS address (`127.0.0.1:PORT`) of the session's local Ray cluster, started on first use.
+
+    One per session (`ray.init` costs seconds), shared by the Ray tests (tests/actors) and the Serve
+    tests (tests/deployments). 4 logical CPUs on any machine, so two workers plus the tokenising
+    tasks fit even on a 2-core runner; bound to 127.0.0.1, no dashboard.
+    """
+    import ray
+
+    with _ray_options.quiet_logs():
+        ray.init(**{**_ray_options.embedded_init_kwargs(4), "num_cpus": 4})
+    yield ray.get_runtime_context().gcs_address
+    with _ray_options.quiet_logs():
+        ray.shutdown()

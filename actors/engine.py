@@ -1,0 +1,204 @@
+"""The `ray` extraction engine: `neuronmap extract --engine ray` (entry point `neuronmap.engines:ray`).
+
+Driver, in order:
+1. connect to Ray (embedded local cluster, or `--address`), check the workers fit the cluster;
+2. plan where the workers run: one Ray task with a worker's resources loads the model, tokenises
+   every prompt and measures the layer shapes (`neuronmap.extraction.plan_run`, the same function the
+   local engine calls), returning a model-free RunPlan;
+3. create or resume the run (`RunWriter`, same manifest as the local engine) and write prompts.parquet;
+4. Ray Data pipeline over the shards not committed yet: shard rows (prompts) -> tokenise (tasks) ->
+   `ExtractionWorker` actor pool; each worker writes and commits its shards into the run itself
+   (`RunWriter.attach`) and returns a small record, never activations;
+5. merge: check every record against the manifest, drop temp files of killed workers, complete.
+
+A failure marks the run failed (a Ctrl-C leaves it running); both resume by re-running the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from neuronmap.errors import ConfigError, StorageError
+
+from . import options
+from .cluster import check_resources, ray_session
+from .errors import find_worker_error
+
+
+def run_ray_extraction(
+    *,
+    model: Any,
+    prompts: Any,
+    layers: str | Sequence[str] = "blocks.*",
+    out: str | Path | None = None,
+    pooling: str = "mean",
+    format: str = "hdf5",
+    dtype: str = "float32",
+    batch_size: int = 32,
+    max_length: int = 512,
+    device: str = "auto",
+    model_dtype: str = "auto",
+    compression: str | None = None,
+    overwrite: bool = False,
+    text_column: str | None = None,
+    samples_per_shard: int | None = None,
+    progress: bool = False,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    on_shard: Callable[[dict], None] | None = None,
+) -> Any:
+    """Run `neuronmap.extract` on Ray; the run equals the local engine's (rows, values, manifest).
+
+    Parameters are `neuronmap.extract`'s (called through it with `engine="ray"`), plus:
+
+    address : str, optional
+        `auto`, `HOST:PORT` or `ray://HOST:PORT`; None starts an embedded local cluster.
+    workers : int, optional
+        Fixed number of extraction workers; None autoscales from 1 to what fits the cluster.
+    cpus_per_worker, gpus_per_worker : float, optional
+        Resources reserved per worker (default 1 CPU, 0 GPUs); a worker's torch uses that many threads.
+    on_shard : callable, optional
+        Called on the driver with each shard record (`shard`, `samples`, `host`, `pid`, `paths`, ...)
+        as workers finish shards.
+    """
+    from neuronmap.extraction import default_out, new_manifest, progress_bar
+    from neuronmap.models import LoadedModel
+    from neuronmap.prompts import load_prompts
+    from neuronmap.store import RunWriter, open_run
+
+    cpus = 1.0 if cpus_per_worker is None else float(cpus_per_worker)
+    gpus = 0.0 if gpus_per_worker is None else float(gpus_per_worker)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers={workers} must be >= 1 (or left out to autoscale)")
+    if cpus <= 0:
+        raise ConfigError(f"cpus_per_worker={cpus:g} must be > 0 (fractions such as 0.5 are fine)")
+    if gpus < 0:
+        raise ConfigError(f"gpus_per_worker={gpus:g} must be >= 0")
+    if isinstance(model, LoadedModel):  # workers load their own copy from the same source
+        model = model.source
+    model = str(model)
+    frame = load_prompts(prompts, text_column=text_column)
+
+    with ray_session(address, num_cpus=(workers or 1) * cpus + options.TOKENIZE_CPUS), options.quiet_logs():
+        capacity = check_resources(workers, cpus, gpus)
+        plan = _plan(model, device, model_dtype, frame["text"].tolist(), layers, pooling, dtype, max_length,
+                     samples_per_shard, cpus, gpus)
+        out = Path(out) if out is not None else default_out(plan.model)
+        manifest = new_manifest(plan, prompts, frame, pooling, dtype, format, compression, batch_size)
+        writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
+        writer.write_prompts(frame)
+        try:
+            per_token = pooling == "none"
+            shards = plan.shards()
+            todo = [i for i in range(len(shards)) if not all(writer.committed(name, i) for name in plan.layers)]
+            with progress_bar(progress, plan.n_samples, f"extract {plan.model} on ray") as bar:
+                bar.advance(0, plan.n_samples - sum(len(shards[i]) for i in todo))  # resumed shards
+                records = []
+                for record in _pipeline(out, plan, frame, shards, todo, per_token, device, model_dtype, pooling,
+                                        dtype, batch_size, workers, capacity.max_workers, cpus, gpus):
+                    records.append(record)
+                    bar.advance(0, record["samples"])
+                    if on_shard is not None:
+                        on_shard(record)
+            _merge(writer, records, out)
+            writer.complete()
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # the run stays resumable; mark why it stopped
+            worker_error = find_worker_error(error)
+            with contextlib.suppress(Exception):
+                writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
+            if worker_error is not None:
+                raise worker_error from None
+            raise
+    return open_run(out)
+
+
+def _plan(model: str, device: str, model_dtype: str, texts: list[str], layers: Any, pooling: str, dtype: str,
+          max_length: int, samples_per_shard: int | None, cpus: float, gpus: float) -> Any:
+    """Run the planning task with one worker's resources; its errors come back typed."""
+    import ray
+
+    from .worker import plan_remote
+
+    task = ray.remote(plan_remote).options(**options.plan_task_options(cpus, gpus))
+    try:
+        return ray.get(task.remote(model, device, model_dtype, texts, layers, pooling, dtype, max_length,
+                                   samples_per_shard))
+    except Exception as error:
+        worker_error = find_worker_error(error)
+        if worker_error is not None:
+            raise worker_error from None
+        raise
+
+
+def _shard_table(index: int, samples: range, row_start: int, sample_ids: np.ndarray, lengths: np.ndarray,
+                 texts: list[str]) -> pa.Table:
+    """One dataset row (one block) per shard: what the tokenise stage and a worker need, nothing more."""
+    part = slice(samples.start, samples.stop)
+    return pa.table({
+        "shard": pa.array([index], pa.int64()), "start": pa.array([samples.start], pa.int64()),
+        "stop": pa.array([samples.stop], pa.int64()), "row_start": pa.array([row_start], pa.int64()),
+        "sample_id": pa.array([sample_ids[part]], pa.list_(pa.int64())),
+        "lengths": pa.array([lengths[part]], pa.list_(pa.int64())),
+        "text": pa.array([texts[part]], pa.list_(pa.string())),
+    })
+
+
+def _pipeline(out: Path, plan: Any, frame: Any, shards: list[range], todo: list[int], per_token: bool, device: str,
+              model_dtype: str, pooling: str, dtype: str, batch_size: int, workers: int | None, max_workers: int,
+              cpus: float, gpus: float):
+    """Yield one record dict per shard as workers commit them (streaming; nothing else comes back)."""
+    if not todo:
+        return
+    import ray.data
+
+    from .worker import ExtractionWorker, WorkerSpec, tokenize_shards
+
+    spec = WorkerSpec(run=str(out.resolve()), source=plan.source, device=device, model_dtype=model_dtype,
+                      config_hash=plan.config_hash, shapes=dict(plan.shapes), kinds=dict(plan.kinds), pooling=pooling,
+                      dtype=dtype, batch_size=batch_size, max_length=plan.max_length, pattern_width=plan.pattern_width,
+                      threads=max(1, int(cpus)))
+    sample_ids, texts = frame["sample_id"].to_numpy(), frame["text"].tolist()
+    tables = [_shard_table(i, shards[i], plan.first_row(shards[i].start, per_token), sample_ids, plan.lengths, texts)
+              for i in todo]
+    with options.data_context():
+        ds = ray.data.from_arrow(tables)  # one block per shard: shards spread over the workers
+        ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, source=plan.source,
+                                  max_length=plan.max_length)
+        ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+
+
+def _merge(writer: Any, records: list[dict], out: Path) -> None:
+    """Check the workers' records against the manifest they committed to; drop killed workers' temp files.
+
+    A record whose shard the driver cannot see means the run folder is not shared between the driver
+    and that worker (different machines without a shared filesystem).
+    """
+    from neuronmap.store import load_manifest
+    from neuronmap.store.manifest import TMP_MARKER
+
+    listed = {shard.path: shard.sha256 for shard in load_manifest(out).shards}
+    for record in records:
+        for path, digest in zip(record["paths"], record["sha256"]):
+            if path not in listed or not (out / path).exists():
+                raise ConfigError(f"worker {record['host']}:{record['pid']} committed {path}, which the driver cannot "
+                                  f"see in {out}: --out must be a folder every Ray node shares at the same path")
+            if listed[path] != digest:
+                raise StorageError(f"shard {path} was rewritten with different bytes by another worker; "
+                                   "re-run the same command to resume and verify with `neuronmap runs verify`")
+    for root, _dirs, files in os.walk(out):
+        for name in files:
+            if TMP_MARKER in name:
+                with contextlib.suppress(OSError):
+                    os.unlink(Path(root) / name)

@@ -1,0 +1,191 @@
+"""How fast the dashboard's pages answer on a 100,000-sample run (target: under 2 s each).
+
+Writes a synthetic run with the real `neuronmap.store.RunWriter` (100,000 samples, 4 layers of 256
+float32 features, 10 topic labels), adds `stats` and `pca` artifacts on one layer, then times each
+page two ways:
+
+- server: the Python work behind a page (its layout plus every callback it fires on load), cold
+  (empty caches, first visit) and warm (second visit);
+- browser (when /usr/bin/chromium is there): navigation until the page's main element is drawn,
+  in headless Chromium driven by playwright.
+
+    python benchmarks/dashboard_scale.py [--samples 100000] [--features 256] [--out DIR] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RUN_ID = "synthetic-100k"
+
+
+def write_run(root: Path, n: int, d: int, layers: int, shard: int = 25_000) -> Path:
+    from neuronmap.store import Manifest, RunWriter
+
+    path = root / RUN_ID
+    names = [f"blocks.{i}" for i in range(layers)]
+    manifest = Manifest.new(model="synthetic", config_hash="bench", tokenizer="none",
+                            layers={k: dict(shape=[d], dtype="float32", kind="hidden", per_token=False) for k in names},
+                            pooling="mean", dtype="float32", prompt_source="synthetic", prompt_source_hash="bench",
+                            n_samples=n)
+    rng = np.random.default_rng(0)
+    topics = rng.integers(0, 10, n)
+    centres = rng.standard_normal((10, d)).astype(np.float32)
+    writer = RunWriter(path, manifest)
+    writer.write_prompts(pd.DataFrame({"text": [f"synthetic prompt {i} about topic {t}" for i, t in enumerate(topics)],
+                                       "topic": [f"topic-{t}" for t in topics]}))
+    for index, start in enumerate(range(0, n, shard)):
+        end = min(n, start + shard)
+        for depth, name in enumerate(names):
+            x = centres[topics[start:end]] * (depth + 1) + rng.standard_normal((end - start, d)).astype(np.float32)
+            writer.write_shard(name, index, rows=(start, end), samples=(start, end), activations=x,
+                               sample_ids=np.arange(start, end, dtype=np.int64))
+    writer.complete()
+    return path
+
+
+def server_timings(root: Path, pages: list[tuple[str, str, dict]]) -> dict[str, dict[str, float]]:
+    """Seconds of the Python work behind each page (layout + load callbacks), cold then warm."""
+    from dashboards import layerview
+    from dashboards.app import create_app
+    from dashboards.pages import analysis_artifact, compare, gallery, layer, run, runs
+    from neuronmap import viz
+
+    app = create_app(root, workers=1)
+    ctx = app.neuronmap
+    repo = ctx.repository
+
+    def load(name: str, query: dict) -> None:
+        module = {"runs": runs, "run": run, "layer": layer, "layer-no-artifacts": layer, "gallery": gallery,
+                  "artifact": analysis_artifact, "compare": compare}[name]
+        module.layout(ctx, query)
+        if name == "run":
+            repo.prompts(query["run"]).head(15)
+            from dashboards.pages.run import filter_prompts
+            filter_prompts(repo.prompts(query["run"]), "topic", None, None)
+        elif name.startswith("layer"):
+            proj = layerview.projection(repo, query["run"], query["layer"], "pca")
+            values, _ = layerview.colour(repo, query["run"], query["layer"], "topic", proj)
+            viz.pca_scatter(proj.coords, proj.explained, color=values, ids=proj.rows,
+                            hover=layerview.texts(repo, query["run"], proj.sample_ids))
+            sample = repo.layer_sample(query["run"], query["layer"])
+            viz.layer_distributions({"x": sample.x.ravel()}, kind="histogram")
+            viz.activation_heatmap(sample.x, top_k=24, max_rows=60)
+        elif name == "artifact":
+            viz.figure_for_artifact(repo.artifact(query["run"], query["id"]), prompts=repo.prompts(query["run"]))
+        elif name == "compare":
+            compare.cka_matrix(repo, query["run"], None)
+
+    out: dict[str, dict[str, float]] = {}
+    for name, _, query in pages:
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            load(name, query)
+            times.append(time.perf_counter() - started)
+        out[name] = {"cold_s": round(times[0], 3), "warm_s": round(times[1], 3)}
+    ctx.jobs.shutdown()
+    return out
+
+
+def browser_timings(root: Path, pages: list[tuple[str, str, dict]], ready: dict[str, str]) -> dict[str, dict]:
+    """Seconds from navigation to the page's main element in headless Chromium, first and second visit."""
+    import logging
+
+    from playwright.sync_api import sync_playwright
+    from werkzeug.serving import make_server
+
+    from dashboards.app import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    app = create_app(root, workers=1)
+    httpd = make_server("127.0.0.1", 0, app.server, threaded=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    out: dict[str, dict] = {}
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(base + "/")  # load Dash's JavaScript once, as a user's first page would
+            page.wait_for_selector("#runs-list", timeout=60_000)
+            for name, path, _ in pages:
+                times = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    page.goto(base + path)
+                    page.wait_for_selector(ready[name], timeout=120_000)
+                    times.append(time.perf_counter() - started)
+                out[name] = {"first_s": round(times[0], 3), "second_s": round(times[1], 3)}
+            browser.close()
+    finally:
+        httpd.shutdown()
+        app.neuronmap.jobs.shutdown()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--features", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=None, help="runs folder to use (default: a temp folder, removed)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--no-browser", action="store_true")
+    args = parser.parse_args()
+
+    from threadpoolctl import threadpool_limits
+
+    from neuronmap.analysis import analyze
+
+    root = args.out or Path(tempfile.mkdtemp(prefix="nm-dashboard-bench-"))
+    try:
+        started = time.perf_counter()
+        if not (root / RUN_ID / "manifest.json").is_file():
+            write_run(root, args.samples, args.features, args.layers)
+        write_s = time.perf_counter() - started
+        with warnings.catch_warnings(), threadpool_limits(limits=2):
+            warnings.simplefilter("ignore")
+            started = time.perf_counter()
+            stats = analyze(root / RUN_ID, "stats", layers="blocks.3")
+            pca = analyze(root / RUN_ID, "pca", layers="blocks.3", labels="topic", params={"n_components": 10})
+            analyse_s = time.perf_counter() - started
+        q = {"run": RUN_ID}
+        pages = [
+            ("runs", "/", {}),
+            ("run", f"/run?run={RUN_ID}", q),
+            ("layer", f"/layer?run={RUN_ID}&layer=blocks.3", {**q, "layer": "blocks.3"}),
+            ("layer-no-artifacts", f"/layer?run={RUN_ID}&layer=blocks.1", {**q, "layer": "blocks.1"}),
+            ("artifact", f"/artifact?run={RUN_ID}&id={pca.id}", {**q, "id": pca.id}),
+            ("gallery", "/gallery", {}),
+            ("compare", f"/compare?run={RUN_ID}", q),
+        ]
+        ready = {"runs": "#runs-list", "run": "#prompt-table td", "layer": "#layer-scatter .scatterlayer",
+                 "layer-no-artifacts": "#layer-scatter .scatterlayer", "artifact": "#artifact-graph .scatterlayer",
+                 "gallery": "#gallery-grid", "compare": "#compare-graph .heatmaplayer"}
+        results = {"samples": args.samples, "features": args.features, "layers": args.layers,
+                   "write_run_s": round(write_s, 1), "stats_and_pca_s": round(analyse_s, 1),
+                   "artifacts": [stats.id, pca.id], "server": server_timings(root, pages)}
+        if not args.no_browser and Path("/usr/bin/chromium").exists():
+            results["browser"] = browser_timings(root, pages, ready)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Analyses launched from the dashboard: validated at once, run in a background worker pool.
+
+A job names a registered analysis (never anything executable: the name is looked up in the
+registry), a run id (resolved under the runs folder), layers of that run, an optional label column and
+parameters that the analysis' own pydantic model validates. Jobs run on a thread pool of `workers`
+threads; each calls `neuronmap.analysis.analyze` with an engine wrapper that counts finished tasks
+(the progress bar). With engine "ray" the tasks fan out to Ray (`neuronmap.analysis_engines`), and
+the progress advances when Ray returns them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from neuronmap.errors import ConfigError, NeuronMapError
+
+
+@dataclass
+class Job:
+    """One launched analysis and where it stands."""
+
+    id: str
+    run_id: str
+    analysis: str
+    layers: list[str]
+    labels: str | None
+    params: dict[str, Any]
+    engine: str
+    status: str = "queued"  # queued | running | done | failed
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    artifact_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def progress(self) -> float:
+        if self.status == "done":
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+
+class ProgressEngine:
+    """An analysis engine that runs another engine's tasks and counts them for a job's progress."""
+
+    def __init__(self, job: Job, inner: Any):
+        self.job, self.inner = job, inner
+        self.name = getattr(inner, "name", "local")
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        self.job.total += len(items)
+        if self.name != "local":  # a cluster runs them all at once
+            results = self.inner.map(fn, items)
+            self.job.done += len(items)
+            return results
+        results = []
+        for item in items:
+            results.append(fn(item))
+            self.job.done += 1
+        return results
+
+
+class JobManager:
+    """Validate and run analyses in the background; `jobs()` lists them, newest first."""
+
+    def __init__(self, repository, workers: int = 2):
+        self.repository = repository
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="neuronmap-job")
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def submit(self, run_id: str, analysis: str, layers: list[str] | None, labels: str | None = None,
+               params: dict[str, Any] | None = None, engine: str = "local") -> Job:
+        """Check everything a user chose, then queue the job (ConfigError / RefusedPath on a mistake)."""
+        from neuronmap.analysis.registry import get_analysis
+        from neuronmap.analysis.runner import available_engines
+
+        run = self.repository.run(run_id)
+        spec = get_analysis(analysis)
+        spec.parse_params(params or {})
+        layers = list(layers or [])
+        unknown = [layer for layer in layers if layer not in run.layers]
+        if unknown:
+            raise ConfigError(f"layers {', '.join(unknown)} are not in run {run_id}; it holds: {', '.join(run.layers)}")
+        if not layers:
+            raise ConfigError("select at least one layer")
+        if labels and labels not in self.repository.label_columns(run_id):
+            raise ConfigError(f"label column {labels!r} is not in run {run_id}; label columns: "
+                              f"{', '.join(self.repository.label_columns(run_id)) or '(none)'}")
+        if engine not in available_engines():
+            raise ConfigError(f"engine {engine!r} is not available; installed engines: {', '.join(available_engines())}")
+        job = Job(f"job-{next(self._ids)}", run_id, spec.name, layers, labels or None, dict(params or {}), engine)
+        with self._lock:
+            self._jobs[job.id] = job
+        self._pool.submit(self._run, job)
+        return job
+
+    def _run(self, job: Job) -> None:
+        from neuronmap.analysis.runner import analyze, get_engine
+
+        job.status, job.started = "running", time.time()
+        try:
+            path = self.repository.run_path(job.run_id)
+            engine = ProgressEngine(job, get_engine(job.engine))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                artifact = analyze(path, job.analysis, layers=job.layers, params=job.params, labels=job.labels,
+                                   engine=engine)
+            job.warnings = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+            job.artifact_id = artifact.id
+            job.message = "reused an identical artifact" if artifact.reused else f"wrote {artifact.id}"
+            job.status = "done"
+        except NeuronMapError as error:
+            job.status, job.message = "failed", str(error)
+        except Exception as error:  # an internal error: shown, never raised into the server
+            job.status, job.message = "failed", f"internal error: {type(error).__name__}: {error}"
+        finally:
+            job.finished = time.time()
+            self.repository.invalidate()
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda job: job.submitted, reverse=True)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

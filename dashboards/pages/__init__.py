@@ -1,0 +1,5 @@
+"""One module per page: ``PATH``, ``TITLE``, ``IN_NAV``, ``layout(ctx, query)``, ``register(app, ctx)``."""
+
+from . import analysis_artifact, compare, gallery, jobs, launch, layer, run, runs
+
+PAGES = [runs, run, layer, compare, gallery, analysis_artifact, launch, jobs]

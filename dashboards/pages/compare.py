@@ -1,0 +1,95 @@
+"""Compare: layer x layer CKA within a run, or between the layers of two runs of the same prompts."""
+
+from __future__ import annotations
+
+import warnings
+
+import dash_bootstrap_components as dbc
+import numpy as np
+from dash import Input, Output, html
+
+from neuronmap import viz
+from neuronmap.errors import ConfigError, NeuronMapError
+
+from ..components import ANY, card, empty_state, error_state, graph, header, labelled, options, picked
+
+PATH = "/compare"
+TITLE = "Compare"
+IN_NAV = True
+SAMPLE = 2000
+MAX_LAYERS = 24
+
+
+def layout(ctx, query: dict) -> html.Div:
+    runs = [e.id for e in ctx.repository.runs(fresh=True) if e.ok]
+    if not runs:
+        return html.Div([header("Compare"), empty_state("No readable runs to compare.")])
+    first = query.get("run") if query.get("run") in runs else runs[0]
+    other = query.get("other") if query.get("other") in runs else ANY
+    controls = dbc.Row([
+        dbc.Col(labelled("Run (rows)", dbc.Select(id="compare-run", options=options(runs), value=first), "compare-run"),
+                md=6),
+        dbc.Col(labelled("Compare with (columns)", dbc.Select(id="compare-other", value=other,
+                                                              options=options(runs, blank="the same run")),
+                         "compare-other"), md=6),
+    ], className="g-2")
+    return html.Div([header("Compare", "Linear CKA between layers: 1 = same representation up to rotation and scale"),
+                     controls, html.Div(id="compare-source", className="small text-muted mb-2"),
+                     card("CKA", graph({}, id="compare-graph", height=560))])
+
+
+def _samples(repo, run_id: str, layers: list[str]):
+    return {layer: repo.layer_sample(run_id, layer, max_rows=SAMPLE) for layer in layers}
+
+
+def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, list[str], list[str], str]:
+    """(matrix, row layers, column layers, where the numbers come from)."""
+    from neuronmap.analysis.cka import linear_cka
+
+    run = repo.run(run_id)
+    rows = [l for l in run.layers if run.layer_info(l).kind == "hidden"][:MAX_LAYERS]
+    if not other_id or other_id == run_id:
+        artifact = repo.newest(run_id, "cka")
+        if artifact is not None and not (artifact.result.get("params") or {}).get("other_run") \
+                and len(artifact.result.get("layers", [])) >= 2:
+            frame = viz.pair_frame(artifact, "cka", 1.0)
+            return frame.to_numpy(), list(frame.index), list(frame.columns), f"exact, from artifact {artifact.id}"
+        other_id, columns = run_id, rows
+    else:
+        other = repo.run(other_id)
+        if other.manifest.n_samples != run.manifest.n_samples:
+            raise ConfigError(f"run {other_id} has {other.manifest.n_samples} samples but {run_id} has "
+                                 f"{run.manifest.n_samples}: CKA between runs compares the same prompts")
+        columns = [l for l in other.layers if other.layer_info(l).kind == "hidden"][:MAX_LAYERS]
+
+    def compute():
+        mine, theirs = _samples(repo, run_id, rows), _samples(repo, other_id, columns)
+        matrix = np.full((len(rows), len(columns)), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, a in enumerate(rows):
+                for j, b in enumerate(columns):
+                    x, y = mine[a], theirs[b]
+                    if len(x.x) == len(y.x) and np.array_equal(x.sample_ids, y.sample_ids):
+                        matrix[i, j] = 1.0 if (other_id == run_id and a == b) else linear_cka(x.x, y.x)
+        n = len(next(iter(mine.values())).x)
+        return matrix, f"computed on a seeded sample of {n:,} samples; run `neuronmap analyze RUN cka` for exact values"
+
+    key = ("compare", run_id, str(run.manifest.updated), other_id, str(repo.run(other_id).manifest.updated))
+    matrix, source = repo.derived(key, compute)
+    return matrix, rows, columns, source
+
+
+def register(app, ctx) -> None:
+    @app.callback(Output("compare-graph", "figure"), Output("compare-source", "children"),
+                  Input("compare-run", "value"), Input("compare-other", "value"))
+    def compare(run_id, other_id):
+        other_id = picked(other_id)
+        try:
+            matrix, rows, columns, source = cka_matrix(ctx.repository, run_id, other_id or None)
+        except NeuronMapError as error:
+            return {}, error_state(str(error), title="These runs cannot be compared")
+        if not rows or not columns:
+            return {}, "no hidden layers to compare"
+        title = f"CKA · {run_id}" + (f" vs {other_id}" if other_id and other_id != run_id else "")
+        return viz.cka_heatmap(matrix, rows, columns, title=title), source

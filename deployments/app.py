@@ -1,0 +1,152 @@
+"""The Ray Serve application: thin deployments around the plain classes of this package.
+
+- `ModelServer` (one deployment per served model, `model-<name>`): loads the model once per replica
+  (`neuronmap.load_model`) into an `ExtractionService`; `extract` validates and tokenises a request,
+  then hands it to `extract_batch`, where `@serve.batch` merges concurrent requests into one call.
+- `AnalysisJobs` (one replica): a `JobManager` running analyses on threads, followed by job id.
+- `NeuronMapIngress` (FastAPI ingress): builds a `NeuronMapAPI` over handles to the two above and
+  serves `http.create_app(api)`.
+
+`build_app(args)` is the application builder: `serve_config.yaml` names it as
+`import_path: deployments.app:build_app` with the `ServeSettings` fields as `args`, and
+`neuronmap serve` calls it with the settings from its options. All Serve options come from
+`options.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from . import options
+from .schemas import ExtractOutcome
+from .settings import ServeSettings
+
+
+@serve.deployment
+class ModelServer:
+    """One model's replica: `extract(request)` -> ExtractOutcome (errors inside, never raised)."""
+
+    def __init__(self, model: str, settings: dict[str, Any]):
+        from .extractor import ExtractionService
+
+        self.settings = ServeSettings.parse(settings)
+        self.service = ExtractionService.load(model, device=self.settings.device,
+                                              model_dtype=self.settings.model_dtype, limits=self.settings.limits,
+                                              forward_batch_size=self.settings.forward_batch_size)
+        options.configure_batching(self.extract_batch, self.settings)
+
+    async def extract(self, texts: list[str], layers: Any, pooling: str, dtype: str) -> ExtractOutcome:
+        from neuronmap.errors import NeuronMapError
+
+        try:
+            job = await asyncio.to_thread(self.service.prepare, texts, layers, pooling, dtype)
+        except NeuronMapError as error:
+            return ExtractOutcome.failure(400, "bad_request", " ".join(str(error).split()))
+        if self.settings.batching.enabled:
+            return await self.extract_batch(job)
+        return (await asyncio.to_thread(self.service.run, [job]))[0]
+
+    @serve.batch(**options.BATCH_DECORATOR)
+    async def extract_batch(self, jobs: list[Any]) -> list[ExtractOutcome]:
+        return await asyncio.to_thread(self.service.run, jobs)
+
+
+@serve.deployment
+class AnalysisJobs:
+    """The job runner (exactly one replica: job state lives in its memory)."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from .analysis_jobs import JobManager
+
+        self.manager = JobManager(workers=ServeSettings.parse(settings).job_workers)
+
+    def submit(self, run_path: str, run_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return self.manager.submit(run_path, run_id, request)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self.manager.get(job_id)
+
+
+class HandleExtractor:
+    """`api.Extractor` over a ModelServer handle."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def __call__(self, texts: list[str], layers: Any, pooling: str, dtype: str) -> ExtractOutcome:
+        return await self.handle.extract.remote(texts, layers, pooling, dtype)
+
+
+class HandleJobs:
+    """`api.Jobs` over the AnalysisJobs handle."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def submit(self, run_path: str, run_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle.submit.remote(run_path, run_id, request)
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        return await self.handle.get.remote(job_id)
+
+
+@serve.deployment
+@serve.ingress()
+class NeuronMapIngress:
+    """The HTTP entry: FastAPI routes over a NeuronMapAPI (built per replica)."""
+
+    def __init__(self, settings: dict[str, Any], models: dict[str, Any], jobs: Any):
+        from .api import NeuronMapAPI
+
+        self.settings = ServeSettings.parse(settings)
+        configure_audit_log(self.settings.audit_log)
+        extractors = {name: HandleExtractor(handle) for name, handle in models.items()}
+        self.api = NeuronMapAPI(self.settings, extractors, HandleJobs(jobs))
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .http import create_app
+
+        return create_app(self.api)
+
+
+def configure_audit_log(path: str | None) -> None:
+    """Audit lines at INFO to stderr (the replica's log) and, when given, appended to `path`."""
+    from .guard import AUDIT_LOGGER
+
+    audit = logging.getLogger(AUDIT_LOGGER)
+    audit.setLevel(logging.INFO)
+    audit.propagate = False
+    form = logging.Formatter("%(asctime)s %(name)s %(message)s")
+    if not any(getattr(h, "_neuronmap", False) for h in audit.handlers):
+        handlers: list[logging.Handler] = [logging.StreamHandler()]
+        if path:
+            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        for handler in handlers:
+            handler.setFormatter(form)
+            handler._neuronmap = True  # type: ignore[attr-defined]
+            audit.addHandler(handler)
+
+
+def deployment_names(settings: ServeSettings) -> dict[str, str]:
+    """Deployment name of each part: {"ingress": ..., "jobs": ..., <model>: "model-..."}."""
+    names = {"ingress": options.INGRESS_NAME, "jobs": options.JOBS_NAME}
+    taken = set(names.values())
+    for model in settings.models:
+        names[model] = options.model_deployment_name(model, taken)
+        taken.add(names[model])
+    return names
+
+
+def build_app(args: dict[str, Any] | ServeSettings | None = None) -> Any:
+    """The NeuronMap Serve application for `args` (ServeSettings fields); keys resolved here."""
+    settings = ServeSettings.parse(args).resolved()
+    plain = settings.model_dump(mode="json")
+    names = deployment_names(settings)
+    models = {model: ModelServer.options(**options.model_options(settings, names[model])).bind(model, plain)
+              for model in settings.models}
+    jobs = AnalysisJobs.options(**options.jobs_options(settings)).bind(plain)
+    return NeuronMapIngress.options(**options.ingress_options(settings)).bind(plain, models, jobs)

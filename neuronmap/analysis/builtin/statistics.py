@@ -1,0 +1,94 @@
+"""`stats`: per-neuron statistics, percentiles, normality and rankings, merged shard by shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from ..inputs import LayerInput
+from ..registry import AnalysisResult, Params, register
+from ..statistics import Reservoir, RunningStats, neuron_rankings
+
+PER_NEURON = ("mean", "std", "min", "max", "skewness", "kurtosis", "mean_abs", "sparsity", "zero_fraction",
+              "normality_statistic", "normality_pvalue")
+
+
+class StatsParams(Params):
+    eps: float = Field(1e-6, ge=0, description="|x| < eps counts as sparse")
+    percentiles: list[float] = Field([1, 5, 25, 50, 75, 95, 99], min_length=1, description="percentiles to report, each in [0, 100]")
+    reservoir_size: int = Field(8192, ge=1, description="rows sampled for percentiles (exact while the layer has no more rows)")
+    top_k: int = Field(10, ge=1, description="neurons listed per ranking")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the normality test")
+    seed: int = Field(0, description="seed of the percentile reservoir")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _in_range(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 <= v <= 100]
+        if bad:
+            raise ValueError(f"percentiles must lie in [0, 100]; got {bad}")
+        return values
+
+
+def stats_shard(data: LayerInput, params: StatsParams) -> dict[str, Any]:
+    """Partial result of one shard: RunningStats and Reservoir state dicts."""
+    stats = RunningStats(params.eps)
+    reservoir = Reservoir(params.reservoir_size, seed=params.seed + data.ranges[0][0])
+    for batch in data.iter_batches():
+        stats.add(batch)
+        reservoir.add(batch)
+    return {"stats": stats.state_dict(), "reservoir": reservoir.state_dict()}
+
+
+def stats_reduce(data: LayerInput, states: list[dict[str, Any]], params: StatsParams) -> AnalysisResult:
+    """Merge shard partials in row order into the per-neuron statistics."""
+    stats = RunningStats(params.eps)
+    reservoir = Reservoir(params.reservoir_size, seed=params.seed)
+    for state in states:
+        stats.merge(RunningStats().load_state_dict(state["stats"]))
+        reservoir.merge(Reservoir().load_state_dict(state["reservoir"]))
+    summary = stats.summary()
+    q = np.asarray(params.percentiles, dtype=np.float64)
+    percentiles = reservoir.percentiles(q)
+    rankings = neuron_rankings(summary, params.top_k)
+    constant = stats.constant()
+
+    arrays = {key: summary[key] for key in PER_NEURON if key in summary}
+    arrays.update(percentiles=percentiles, percentile_q=q, constant=constant)
+    arrays.update({f"rank_{name}": order for name, order in rankings.items()})
+
+    neurons = pd.DataFrame({"neuron": np.arange(stats.n_features), **{k: v for k, v in arrays.items() if k in PER_NEURON}})
+    for index, value in enumerate(q):
+        neurons[f"p{value:g}"] = percentiles[index]
+    ranking_rows = []
+    for name, key in (("most_active", "mean_abs"), ("most_variable", "std"), ("sparsest", "sparsity")):
+        for rank, neuron in enumerate(rankings[name], start=1):
+            ranking_rows.append({"ranking": name, "rank": rank, "neuron": int(neuron), "value": float(summary[key][neuron])})
+
+    metrics: dict[str, Any] = {
+        "n_rows": stats.count, "n_features": stats.n_features,
+        "mean": float(summary["mean"].mean()), "std": float(summary["std"].mean()),
+        "min": float(summary["min"].min()), "max": float(summary["max"].max()),
+        "mean_abs": float(summary["mean_abs"].mean()), "sparsity": float(summary["sparsity"].mean()),
+        "zero_fraction": float(summary["zero_fraction"].mean()),
+        "skewness_median": float(np.median(summary["skewness"])), "kurtosis_median": float(np.median(summary["kurtosis"])),
+        "n_constant": int(constant.sum()), "percentiles_exact": reservoir.exact,
+        "most_active": rankings["most_active"][:5].tolist(), "most_variable": rankings["most_variable"][:5].tolist(),
+        "sparsest": rankings["sparsest"][:5].tolist(),
+    }
+    if "normality_pvalue" in summary:
+        metrics["non_normal_fraction"] = float(np.mean(summary["normality_pvalue"] < params.alpha))
+    return AnalysisResult(metrics=metrics, arrays=arrays,
+                          tables={"neurons": neurons, "rankings": pd.DataFrame(ranking_rows)})
+
+
+@register("stats", family="statistics", params=StatsParams, scope="layer",
+          summary="per-neuron mean, std, min, max, skewness, kurtosis, sparsity, percentiles, normality, rankings",
+          shard_map=stats_shard, shard_reduce=stats_reduce,
+          headline=("n_rows", "mean", "std", "sparsity", "kurtosis_median", "n_constant", "non_normal_fraction"))
+def stats(data: LayerInput, params: StatsParams) -> AnalysisResult:
+    """Single-call form (same maths as the shard map/reduce the runner uses)."""
+    return stats_reduce(data, [stats_shard(part, params) for part in data.shard_inputs()], params)

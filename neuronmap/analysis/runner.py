@@ -1,0 +1,356 @@
+"""Run a registered analysis over a stored run and keep the result as an artifact.
+
+`analyze(run, "pca", layers="blocks.*", params={"n_components": 10})` opens the run, validates the
+parameters, selects layers, builds one input per unit of the analysis' scope over the committed rows,
+reuses ``RUN/analyses/<id>/`` when it exists, otherwise computes every unit through an engine and
+writes the artifact atomically.
+
+Engines map a picklable function over picklable tasks (`Engine.map(fn, items) -> list`). ``"local"``
+runs them in this process; any other name is looked up in the entry-point group
+``neuronmap.analysis_engines`` (the entry point is a zero-argument factory returning an engine):
+``ray`` comes from ``actors.analysis:RayEngine`` and runs one Ray task per layer, layer pair or shard.
+The tasks are the same functions either way, so engines give the same numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import pandas as pd
+
+from ..errors import ConfigError, UnknownLayerError
+from ..store import Run, open_run
+from ..store.manifest import neuronmap_version, now_iso
+from .artifacts import UNIT_COLUMN, Artifact, artifact_id, find_artifact, to_jsonable, write_artifact
+from .inputs import LayerInput, PairInput, RunInput, intersect_ranges, merge_ranges
+from .registry import AnalysisResult, AnalysisSpec, get_analysis
+
+ENGINE_GROUP = "neuronmap.analysis_engines"
+
+
+class Engine(Protocol):
+    """Runs ``fn`` over ``items`` (both picklable), returning the results in order."""
+
+    name: str
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]: ...
+
+
+class LocalEngine:
+    """Everything in this process, one task after the other."""
+
+    name = "local"
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        return [fn(item) for item in items]
+
+
+def group_entry_points(group: str) -> dict[str, metadata.EntryPoint]:
+    """Entry points of `group` from every installed distribution, first one per name.
+
+    Scans all distributions rather than `metadata.entry_points(group=...)`, which keeps only the first
+    distribution of a name: a stale `neuronmap.egg-info` in the working directory would hide the
+    installed package's entry points.
+    """
+    found: dict[str, metadata.EntryPoint] = {}
+    for distribution in metadata.distributions():
+        for entry in distribution.entry_points:
+            if entry.group == group:
+                found.setdefault(entry.name, entry)
+    return found
+
+
+def available_engines() -> list[str]:
+    return ["local", *sorted(set(group_entry_points(ENGINE_GROUP)) - {"local"})]
+
+
+def get_engine(engine: str | Engine) -> Engine:
+    """An engine by name ("local" or an entry point of `neuronmap.analysis_engines`), or the object itself."""
+    if not isinstance(engine, str):
+        return engine
+    if engine == "local":
+        return LocalEngine()
+    entries = group_entry_points(ENGINE_GROUP)
+    if engine not in entries:
+        raise ConfigError(f"engine {engine!r} is not available; installed engines: {', '.join(available_engines())}"
+                          + (" (the ray engine comes with the installed neuronmap package: pip install -e .)"
+                             if engine == "ray" else ""))
+    return entries[engine].load()()
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks (module-level functions so that any engine can ship them to another process)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One call of `fn(data, params)` (or `fn(data, states, params)` when `states` is set)."""
+
+    fn: Callable
+    data: Any
+    params: Any
+    states: list | None = None
+
+
+def _warning_text(caught: list[warnings.WarningMessage]) -> list[str]:
+    out = []
+    for item in caught:
+        if issubclass(item.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            continue
+        text = " ".join(str(item.message).split())
+        out.append(text if issubclass(item.category, UserWarning) and item.category is UserWarning
+                   else f"{item.category.__name__}: {text}")
+    return out
+
+
+def run_task(task: Task) -> tuple[Any, list[str]]:
+    """Call the task, returning (value, warning messages raised meanwhile)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if task.states is None:
+            value = task.fn(task.data, task.params)
+        else:
+            value = task.fn(task.data, task.states, task.params)
+    return value, _warning_text(caught)
+
+
+# ---------------------------------------------------------------------------------------------
+# selection
+# ---------------------------------------------------------------------------------------------
+def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
+    """Run layers matched by a spec (names, globs, ranges, "all"; None = all), in the run's order."""
+    from ..models.layerspec import abbreviate, expand_ranges, match, split_spec
+
+    names = run.layers
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
+        return names
+    chosen: set[str] = set()
+    for item in split_spec(spec):
+        expanded = expand_ranges(item) or [item]
+        found = [name for pattern in expanded for name in match(pattern, names)]
+        if not found:
+            raise UnknownLayerError(f"layer {item!r} is not in run {run.path}; it holds: "
+                                    f"{', '.join(abbreviate(names)) or '(no layers)'}")
+        chosen.update(found)
+    return [name for name in names if name in chosen]
+
+
+def committed_ranges(run: Run, layer: str) -> tuple[tuple[int, int], ...]:
+    """Row ranges of `layer` held by committed shards (the whole layer once the run is complete)."""
+    return merge_ranges([tuple(shard.rows) for shard in run.shards(layer)])
+
+
+def _labels_column(run: Run, spec: AnalysisSpec, labels: str | None, notes: list[str]) -> str | None:
+    columns = [c for c in run.prompts.columns if c not in ("sample_id", "text")]
+    shown = ", ".join(columns) or "(none: the prompts had no label columns)"
+    if labels is None:
+        if spec.needs_labels:
+            raise ConfigError(f"analysis {spec.name} needs a label column: pass --labels COLUMN "
+                              f"(labels=...); run {run.path} has label columns: {shown}")
+        return None
+    if labels not in run.prompts.columns or labels == "sample_id":
+        raise ConfigError(f"label column {labels!r} is not in run {run.path}'s prompts; label columns: {shown}")
+    if not spec.uses_labels:
+        notes.append(f"analysis {spec.name} does not use labels; --labels {labels} is ignored")
+        return None
+    return labels
+
+
+def _row_space(run: Run, layer: str) -> tuple[bool, int]:
+    info = run.layer_info(layer)
+    return bool(info.per_token), run.n_rows(layer)
+
+
+def build_units(run: Run, spec: AnalysisSpec, layers: list[str], labels: str | None,
+                batch_size: int, params: Any = None) -> dict[str, Any]:
+    """unit name -> LayerInput | PairInput | RunInput over the committed rows (`params` decide callable `pairs`)."""
+
+    def layer_input(layer: str, ranges) -> LayerInput:
+        return LayerInput(run.path, run.manifest, layer, ranges, labels, batch_size)
+
+    if spec.scope == "layer":
+        return {layer: layer_input(layer, committed_ranges(run, layer)) for layer in layers}
+    if spec.scope == "layer_pair":
+        mode = spec.pair_mode(params)
+        if len(layers) < 2 and mode != "ordered":
+            raise ConfigError(f"analysis {spec.name} compares layers: select at least 2 (got {', '.join(layers)}); "
+                              "use --layers with a glob such as 'blocks.*'")
+        pairs = {"consecutive": lambda: list(zip(layers, layers[1:])),
+                 "ordered": lambda: list(itertools.product(layers, layers)),
+                 "all": lambda: list(itertools.combinations(layers, 2))}[mode]()
+        units = {}
+        for first, second in pairs:
+            if _row_space(run, first) != _row_space(run, second):
+                raise ConfigError(f"layers {first} and {second} have different rows (per-token vs per-sample, or "
+                                  f"{run.n_rows(first)} vs {run.n_rows(second)}); compare layers stored alike")
+            shared = intersect_ranges(committed_ranges(run, first), committed_ranges(run, second))
+            units[f"{first}|{second}"] = PairInput(layer_input(first, shared), layer_input(second, shared))
+        return units
+    groups: dict[tuple[bool, int], tuple] = {}
+    for layer in layers:
+        key = _row_space(run, layer)
+        ranges = committed_ranges(run, layer)
+        groups[key] = ranges if key not in groups else intersect_ranges(groups[key], ranges)
+    inputs = {layer: layer_input(layer, groups[_row_space(run, layer)]) for layer in layers}
+    return {"run": RunInput(run.path, run.manifest, inputs, labels)}
+
+
+def _unit_layers(data: Any) -> list[LayerInput]:
+    if isinstance(data, LayerInput):
+        return [data]
+    if isinstance(data, PairInput):
+        return [data.first, data.second]
+    return list(data.layers.values())
+
+
+def _shard_hashes(run: Run, units: dict[str, Any]) -> list[str]:
+    hashes = set()
+    for data in units.values():
+        for item in _unit_layers(data):
+            for shard in run.shards(item.layer):
+                if intersect_ranges(item.ranges, ((shard.rows[0], shard.rows[1]),)):
+                    hashes.add(f"{item.layer}:{shard.rows[0]}-{shard.rows[1]}:{shard.sha256}")
+    return sorted(hashes)
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze
+# ---------------------------------------------------------------------------------------------
+def analyze(run: str | os.PathLike | Run, analysis: str, layers: str | list[str] | None = None,
+            params: dict[str, Any] | None = None, labels: str | None = None, engine: str | Engine = "local",
+            force: bool = False, batch_size: int = 4096, **param_values: Any) -> Artifact:
+    """Compute (or reuse) `analysis` over `run` and return its artifact.
+
+    Parameters
+    ----------
+    run : path or Run
+    analysis : str
+        A registered name (`list_analyses()`, `neuronmap analyze --list`).
+    layers : str or list of str, optional
+        Layer spec over the run's layers (names, globs, ranges); all layers when None.
+    params : dict, optional
+        Analysis parameters (also accepted as keyword arguments).
+    labels : str, optional
+        prompts.parquet column with a label per sample.
+    engine : "local", "ray" or an Engine
+    force : bool
+        Recompute even when the artifact exists.
+    batch_size : int
+        Rows per streamed batch.
+
+    Returns
+    -------
+    Artifact
+        `.reused` tells whether it was found rather than computed. Warnings (constant neurons, a run
+        still running, ...) are recorded in it and also raised as `UserWarning`s.
+    """
+    started = time.perf_counter()
+    run = open_run(run.path if isinstance(run, Run) else Path(run))  # reopen: the latest manifest
+    if not isinstance(analysis, str):
+        raise ConfigError(f"analysis={analysis!r} must be a name; see `neuronmap analyze --list`")
+    spec = get_analysis(analysis)
+    model = spec.parse_params({**(params or {}), **param_values})
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    runner = get_engine(engine)
+    chosen = select_layers(run, layers)
+    notes: list[str] = []
+    label_column = _labels_column(run, spec, labels, notes)
+    units = build_units(run, spec, chosen, label_column, batch_size, model)
+    for name, data in units.items():
+        for item in _unit_layers(data):
+            if item.n_rows == 0:
+                raise ConfigError(f"layer {item.layer} has no committed rows yet (run status {run.status}); "
+                                  "wait for the extraction to write its first shard")
+    partial = any(item.n_rows < item.n_rows_total for data in units.values() for item in _unit_layers(data))
+    if partial or run.status != "complete":
+        counts = sorted({f"{item.n_rows} of {item.n_rows_total} rows"
+                         for data in units.values() for item in _unit_layers(data)})
+        notes.append(f"run {run.path} is {run.status}: analysed its committed part ({'; '.join(counts)}); "
+                     "re-run the analysis when the extraction has completed for the full result")
+
+    params_doc = {"analysis": spec.name, "version": spec.version, "params": model.model_dump(mode="json"),
+                  "layers": chosen, "labels": label_column, "shards": _shard_hashes(run, units)}
+    the_id = artifact_id(spec.name, spec.version, params_doc["params"], chosen, label_column, params_doc["shards"])
+    params_doc["id"] = the_id
+    existing = None if force else find_artifact(run.path, the_id)
+    if existing is not None:
+        existing.reused = True
+        existing.extra_warnings = [note for note in notes if note not in existing.warnings]
+        _emit(existing.warnings)
+        return existing
+
+    if spec.check is not None:
+        for data in units.values():
+            spec.check(data, model)
+    results, messages = _compute(spec, model, units, runner)
+    artifact = _store(run, spec, model, units, results, notes + messages, params_doc, the_id, runner, partial,
+                      time.perf_counter() - started, force)
+    _emit(artifact.warnings)
+    return artifact
+
+
+def _compute(spec: AnalysisSpec, params: Any, units: dict[str, Any], engine: Engine) -> tuple[list, list[str]]:
+    messages: list[str] = []
+
+    def note(unit: str, caught: list[str]) -> None:
+        messages.extend(text if unit in text or unit == "run" else f"{unit}: {text}" for text in caught)
+
+    if spec.shard_map is None:
+        outcomes = engine.map(run_task, [Task(spec.func, data, params) for data in units.values()])
+        for unit, (_, caught) in zip(units, outcomes):
+            note(unit, caught)
+        return [value for value, _ in outcomes], messages
+    shards = {name: data.shard_inputs() for name, data in units.items()}
+    flat = [Task(spec.shard_map, part, params) for parts in shards.values() for part in parts]
+    outcomes = iter(engine.map(run_task, flat))
+    results = []
+    for name, data in units.items():
+        states = []
+        for _ in shards[name]:
+            state, caught = next(outcomes)
+            states.append(state)
+            note(name, caught)
+        value, caught = run_task(Task(spec.shard_reduce, data, params, states))
+        note(name, caught)
+        results.append(value)
+    return results, messages
+
+
+def _store(run: Run, spec: AnalysisSpec, params: Any, units: dict[str, Any], results: list[AnalysisResult],
+           messages: list[str], params_doc: dict, the_id: str, engine: Engine, partial: bool, elapsed: float,
+           force: bool) -> Artifact:
+    unit_docs, arrays, tables = {}, {}, {}
+    column = UNIT_COLUMN[spec.scope]
+    for (name, data), result in zip(units.items(), results):
+        if not isinstance(result, AnalysisResult):
+            raise TypeError(f"analysis {spec.name} returned {type(result).__name__}, not AnalysisResult")
+        first = _unit_layers(data)[0]
+        unit_docs[name] = {"rows": first.n_rows, "rows_total": first.n_rows_total, "metrics": to_jsonable(result.metrics)}
+        for key, value in result.arrays.items():
+            arrays[f"{name}/{key}"] = value
+        for key, frame in result.tables.items():
+            frame = frame.copy()
+            if column is not None:
+                frame.insert(0, column, name)
+            tables.setdefault(key, []).append(frame)
+    result_doc = {
+        "id": the_id, "analysis": spec.name, "family": spec.family, "scope": spec.scope,
+        "params": params_doc["params"], "layers": params_doc["layers"], "labels": params_doc["labels"],
+        "run": {"path": str(run.path), "status": run.status, "partial": partial, "n_samples": run.manifest.n_samples},
+        "units": unit_docs, "warnings": list(dict.fromkeys(messages)), "engine": getattr(engine, "name", "custom"),
+        "created": now_iso(), "elapsed_s": round(elapsed, 3), "neuronmap_version": neuronmap_version(),
+    }
+    frames = {key: pd.concat(parts, ignore_index=True) for key, parts in tables.items()}
+    return write_artifact(run.path, the_id, params_doc, result_doc, arrays, frames, force=force)
+
+
+def _emit(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,0 +1,173 @@
+"""Streaming statistics against numpy/scipy on the concatenated data, including merged partials."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from analysistest_util import write_synthetic_run
+from neuronmap.analysis import analyze
+from neuronmap.analysis.statistics import Reservoir, RunningStats, neuron_rankings, neuron_statistics
+from neuronmap.errors import ConfigError
+
+
+def data(seed=0, n=1200, d=6):
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([
+        rng.standard_normal(n) * 3 + 1000,           # large offset: catastrophic cancellation if done naively
+        rng.gamma(2.0, 2.0, n),                      # skewed
+        rng.standard_t(3, n),                        # heavy tails
+        np.maximum(rng.standard_normal(n), 0),       # ReLU: exact zeros
+        rng.standard_normal(n) * 1e-7,               # below eps
+        rng.uniform(-1, 1, n),
+    ][:d])
+    return x
+
+
+def random_split(x, rng, parts):
+    cuts = np.sort(rng.integers(0, len(x) + 1, parts - 1))
+    return np.split(x, cuts)  # some pieces may be empty or a single row
+
+
+def assert_matches_reference(stats: RunningStats, x: np.ndarray, eps=1e-6):
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.std(), x.std(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(stats.var(ddof=1), x.var(axis=0, ddof=1), rtol=1e-9)
+    np.testing.assert_array_equal(stats.minimum, x.min(axis=0))
+    np.testing.assert_array_equal(stats.maximum, x.max(axis=0))
+    np.testing.assert_allclose(stats.skewness(), scipy_stats.skew(x, axis=0), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(stats.kurtosis(), scipy_stats.kurtosis(x, axis=0), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(stats.mean_abs(), np.abs(x).mean(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(stats.sparsity(), (np.abs(x) < eps).mean(axis=0))
+    np.testing.assert_array_equal(stats.zero_fraction(), (x == 0).mean(axis=0))
+    statistic, pvalue = stats.normality()
+    reference = scipy_stats.normaltest(x, axis=0)
+    np.testing.assert_allclose(statistic, reference.statistic, rtol=1e-6)
+    np.testing.assert_allclose(pvalue, reference.pvalue, rtol=1e-6, atol=1e-300)
+
+
+def test_single_pass_matches_numpy_and_scipy():
+    x = data()
+    assert_matches_reference(RunningStats().add(x), x)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merged_random_splits_match_single_pass(seed):
+    rng = np.random.default_rng(seed)
+    x = data(seed)
+    parts = random_split(x, rng, parts=int(rng.integers(2, 12)))
+    # each part folded batch by batch, then the partials merged in a random tree order
+    partials = []
+    for part in parts:
+        partial = RunningStats()
+        for batch in random_split(part, rng, parts=3):
+            partial.add(batch)
+        partials.append(partial)
+    while len(partials) > 1:
+        i = int(rng.integers(0, len(partials) - 1))
+        partials[i].merge(partials.pop(i + 1))
+    assert partials[0].count == len(x)
+    assert_matches_reference(partials[0], x)
+
+
+def test_state_dict_crosses_processes_and_merges():
+    x = data(3)
+    left, right = RunningStats().add(x[:500]), RunningStats().add(x[500:])
+    shipped = pickle.loads(pickle.dumps(right.state_dict()))
+    merged = RunningStats().load_state_dict(left.state_dict()).merge(RunningStats().load_state_dict(shipped))
+    assert_matches_reference(merged, x)
+
+
+def test_constant_neurons_give_no_nan_and_a_warning():
+    x = np.column_stack([np.full(50, 3.25), np.zeros(50), np.arange(50.0)])
+    with pytest.warns(UserWarning, match="2 of 3 neurons are constant"):
+        summary = RunningStats().add(x[:20]).merge(RunningStats().add(x[20:])).summary()
+    for name, value in summary.items():
+        assert np.isfinite(value).all(), name
+    assert summary["skewness"][0] == 0 and summary["kurtosis"][1] == 0 and summary["std"][0] == 0
+    assert summary["normality_pvalue"][0] == 1.0 and summary["zero_fraction"][1] == 1.0
+
+
+def test_reservoir_is_exact_while_small_and_uniform_when_merged():
+    x = data(4)
+    reservoir = Reservoir(size=len(x))
+    for part in np.array_split(x, 7):
+        reservoir.merge(Reservoir(size=len(x)).add(part))
+    q = [0, 1, 25, 50, 99, 100]
+    assert reservoir.exact
+    np.testing.assert_allclose(reservoir.percentiles(q), np.percentile(x, q, axis=0), rtol=1e-12)
+
+    # a 400-row sample of 1,000 zeros + 3,000 ones holds about 75% ones
+    zeros, ones = Reservoir(400, seed=1).add(np.zeros((1000, 1))), Reservoir(400, seed=2).add(np.ones((3000, 1)))
+    merged = zeros.merge(ones)
+    assert merged.count == 4000 and len(merged.rows) == 400 and not merged.exact
+    assert abs(merged.rows.mean() - 0.75) < 0.08
+
+
+def test_reservoir_percentiles_of_a_large_stream_are_close_in_rank():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((60_000, 3))
+    reservoir = Reservoir(size=4096, seed=0)
+    for batch in np.array_split(x, 15):
+        reservoir.add(batch)
+    q = np.array([5, 25, 50, 75, 95])
+    estimates = reservoir.percentiles(q)
+    ranks = (x[None, :, :] <= estimates[:, None, :]).mean(axis=1)  # where each estimate really falls
+    assert np.abs(ranks - q[:, None] / 100).max() < 0.03
+
+
+def test_rankings_and_in_memory_helper():
+    x = data(6)
+    out = neuron_statistics(x, percentiles=[50])
+    ranks = neuron_rankings(out, top_k=3)
+    np.testing.assert_array_equal(ranks["most_active"], np.argsort(-np.abs(x).mean(axis=0))[:3])
+    np.testing.assert_array_equal(ranks["most_variable"], np.argsort(-x.std(axis=0))[:3])
+    assert ranks["sparsest"][0] == 4  # the 1e-7-scale neuron
+    np.testing.assert_allclose(out["percentiles"][0], np.median(x, axis=0))
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="eps=-1"):
+        RunningStats(eps=-1)
+    with pytest.raises(ConfigError, match=r"\[0, 100\]"):
+        Reservoir(10).add(np.ones((3, 1))).percentiles([150])
+    with pytest.raises(ConfigError, match="at least 8 rows"):
+        RunningStats().add(np.ones((3, 2))).normality()
+    with pytest.raises(ConfigError, match="no rows"):
+        RunningStats().mean_abs()
+    with pytest.raises(ConfigError, match="cannot merge 3 features into 2"):
+        RunningStats().add(np.ones((2, 2))).merge(RunningStats().add(np.ones((2, 3))))
+
+
+def test_stats_analysis_on_a_run_equals_numpy_over_all_shards(tmp_path):
+    x = data(7, n=530).astype(np.float32)
+    x[:, 5] = 0.5  # a constant neuron
+    run = write_synthetic_run(tmp_path / "run", {"blocks.0": x, "blocks.1": x[:, :3] * 2}, samples_per_shard=97)
+    with pytest.warns(UserWarning, match="constant"):
+        artifact = analyze(run, "stats", layers="blocks.0", params={"percentiles": [10, 50, 90]})
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(artifact.array("mean"), x64.mean(axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(artifact.array("std"), x64.std(axis=0), rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(artifact.array("kurtosis")[:5], scipy_stats.kurtosis(x64[:, :5], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(artifact.array("percentiles"), np.percentile(x64, [10, 50, 90], axis=0), rtol=1e-9)
+    metrics = artifact.metrics("blocks.0")
+    assert metrics["n_rows"] == 530 and metrics["n_constant"] == 1 and metrics["percentiles_exact"] is True
+    neurons = artifact.table("neurons")
+    assert list(neurons.columns[:3]) == ["layer", "neuron", "mean"] and {"p10", "p50", "p90"} <= set(neurons.columns)
+    assert not neurons.isna().any().any()
+    assert artifact.table("rankings").query("ranking == 'most_active'")["neuron"].iloc[0] == 0
+    assert any("constant" in w for w in artifact.warnings)
+
+
+def test_stats_on_a_running_run_uses_the_committed_shards_and_says_so(tmp_path):
+    x = data(8, n=300)
+    run = write_synthetic_run(tmp_path / "run", {"blocks.0": x}, samples_per_shard=100, complete=False, n_shards=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        artifact = analyze(run, "stats")
+    assert any("running" in str(w.message) and "200 of 300" in str(w.message) for w in caught)
+    assert artifact.run_status == "running" and artifact.result["run"]["partial"] is True
+    assert artifact.result["units"]["blocks.0"]["rows"] == 200
+    np.testing.assert_allclose(artifact.array("mean"), x[:200].mean(axis=0), rtol=1e-12)

@@ -1,0 +1,221 @@
+"""The plain classes behind the Serve app, without Ray: settings and keys, the guard's parts,
+encodings, path checks, the extraction service, jobs, and the FastAPI app in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from deployments import encoding
+from deployments.catalog import check_id, inside
+from deployments.extractor import ExtractionService, check_layer_spec
+from deployments.guard import ApiKeys, RateLimiter, presented_key
+from deployments.schemas import ApiError, ExtractOutcome
+from deployments.settings import ServeSettings, is_loopback, key_digest, parse_keys, read_key_file
+from neuronmap.errors import ConfigError
+
+
+# -- settings and keys -------------------------------------------------------------------------------
+def test_keys_from_env_and_file_become_digests(tmp_path):
+    (tmp_path / "keys.yaml").write_text("carol: c-key\n")
+    settings = ServeSettings(api_keys_file=str(tmp_path / "keys.yaml")).resolved({"NEURONMAP_API_KEYS": "alice:a-key, b-key"})
+    hashes = settings.api_key_hashes
+    assert hashes["alice"] == key_digest("a-key") and hashes["carol"] == key_digest("c-key")
+    assert hashes[f"key-{key_digest('b-key')[:8]}"] == key_digest("b-key")
+    assert "a-key" not in str(settings.model_dump()) and settings.auth_enabled
+
+
+def test_auth_defaults_follow_the_host():
+    assert not ServeSettings().resolved({}).auth_enabled  # loopback, no keys: open
+    with pytest.raises(ConfigError, match="without API keys"):
+        ServeSettings(host="0.0.0.0").resolved({})
+    assert not ServeSettings(host="0.0.0.0", auth="off").resolved({"NEURONMAP_API_KEYS": "a:b"}).auth_enabled
+    with pytest.raises(ConfigError, match="no API keys"):
+        ServeSettings(auth="on").resolved({})
+    assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.0.0.5")
+
+
+def test_bad_key_sources_and_settings_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="id:key"):
+        parse_keys("alice:")
+    (tmp_path / "k.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="map key ids"):
+        read_key_file(tmp_path / "k.json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_key_file(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match="limits.max_texts"):
+        ServeSettings.parse({"limits": {"max_texts": 0}})
+
+
+def test_api_keys_identify_by_digest_and_header():
+    keys = ApiKeys({"alice": key_digest("s3cret")})
+    assert keys.identify("s3cret") == "alice" and keys.identify("nope") is None and keys.identify(None) is None
+    assert presented_key({"authorization": "Bearer s3cret"}) == "s3cret"
+    assert presented_key({"x-api-key": " s3cret "}) == "s3cret"
+    assert presented_key({"authorization": "Basic abc"}) is None
+    assert not ApiKeys({}).enabled
+
+
+def test_rate_limiter_token_bucket_with_fake_clock():
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=2, clock=lambda: now[0])
+    assert [limiter.acquire("a") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.acquire("a") == pytest.approx(1.0)  # one token a second
+    assert limiter.acquire("b") == 0.0  # per key
+    now[0] = 0.5
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    now[0] = 1.0
+    assert limiter.acquire("a") == 0.0
+    assert RateLimiter(0).acquire("a") == 0.0 and not RateLimiter(0).enabled
+
+
+# -- encodings and ids ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("accept, media", [
+    (None, encoding.JSON), ("*/*", encoding.JSON), ("application/x-npy", encoding.NPY),
+    ("application/json;q=0.5, application/vnd.apache.arrow.stream", encoding.ARROW),
+    ("text/html, application/x-npz;q=0.1", encoding.NPZ),
+])
+def test_accept_negotiation(accept, media):
+    assert encoding.negotiate(accept) == media
+
+
+def test_unacceptable_accept_is_406():
+    with pytest.raises(ApiError) as caught:
+        encoding.negotiate("text/html, application/json;q=0")
+    assert caught.value.status == 406
+
+
+def test_arrow_round_trip_per_token():
+    arrays = {"blocks.0": np.arange(5 * 3, dtype=np.float32).reshape(5, 3),
+              "blocks.0.attn.pattern": np.ones((5, 2, 3), np.float16)}
+    outcome = ExtractOutcome(arrays=arrays, lengths=np.array([2, 3]))
+    decoded, meta = encoding.decode_arrow(encoding.encode_arrow("m", "none", "float32", outcome))
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(decoded[name], array)
+        assert decoded[name].dtype == array.dtype
+    assert meta["text_index"].tolist() == [0, 0, 1, 1, 1] and meta["token_index"].tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a/b", "/etc", "a..b", "", "x" * 201, "a\x00b"])
+def test_check_id_refuses_anything_but_a_plain_name(bad):
+    with pytest.raises(ApiError) as caught:
+        check_id(bad, "run")
+    assert caught.value.status == 400
+
+
+def test_inside_follows_symlinks(tmp_path):
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "out").symlink_to(tmp_path / "elsewhere")
+    (root / "alias").symlink_to(root / "run")
+    real = root.resolve()
+    assert inside(root / "run", real) == (root / "run").resolve()
+    assert inside(root / "alias", real) == (root / "run").resolve()
+    assert inside(root / "out", real) is None and inside(root, real) is None
+
+
+def test_layer_ranges_are_bounded_before_expansion():
+    assert check_layer_spec("blocks.0-3, final") == ["blocks.0-3", "final"]
+    with pytest.raises(ConfigError, match="more than"):
+        check_layer_spec("blocks.0-5000")
+    with pytest.raises(ConfigError, match="more than"):
+        check_layer_spec("blocks.0-100.0-100")
+
+
+# -- extraction service ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    return ExtractionService.load(str(tiny_model_dir("gpt2")), device="cpu")
+
+
+def test_merged_batch_equals_separate_extractions(service, tiny_model_dir, tmp_path):
+    import neuronmap
+
+    texts = ["short", "a somewhat longer text here", "mid length text"]
+    layers = "blocks.0,blocks.1.attn.pattern"
+    reference = neuronmap.extract(str(tiny_model_dir("gpt2")), texts, layers=layers, out=tmp_path / "r", pooling="last")
+    jobs = [service.prepare(texts[:1], layers, "last"), service.prepare(texts[1:], layers, "last"),
+            service.prepare(texts, "blocks.2", "mean")]
+    outcomes = service.run(jobs)
+    assert [o.batch_requests for o in outcomes] == [3, 3, 3] and [o.first_in_batch for o in outcomes] == [True, False, False]
+    got = np.concatenate([outcomes[0].arrays["blocks.0"], outcomes[1].arrays["blocks.0"]])
+    np.testing.assert_allclose(got, reference.array("blocks.0"), rtol=1e-5, atol=1e-6)
+    pattern = reference.array("blocks.1.attn.pattern")  # padded to the longest of all three texts
+    second = outcomes[1].arrays["blocks.1.attn.pattern"]  # padded to the longest of its own two
+    np.testing.assert_allclose(second, pattern[1:, ..., : second.shape[-1]], rtol=1e-5, atol=1e-6)
+    assert not pattern[1:, ..., second.shape[-1]:].any()
+    assert outcomes[2].arrays["blocks.2"].shape == (3, 64)
+
+
+@pytest.mark.parametrize("layers, words", [
+    ("blocks.9", "unknown layer"), ("module:wte.nope", "unknown module"), ("blocks.[z-a]", "invalid layer spec"),
+    ("", "empty layer spec"), ("blocks.0-99999", "more than"),
+])
+def test_layer_mistakes_are_400_outcomes(service, layers, words):
+    outcome = service.extract(["hi"], layers)
+    assert outcome.error_status == 400 and words in outcome.error_message
+
+
+def test_output_size_limit(tiny_model_dir):
+    from deployments.settings import Limits
+
+    small = ExtractionService.load(str(tiny_model_dir("gpt2")), device="cpu", limits=Limits(max_output_values=100))
+    outcome = small.extract(["hello there"] * 4, "blocks.*", "none")
+    assert outcome.error_status == 400 and "limit 100" in outcome.error_message
+
+
+# -- jobs and the FastAPI app in-process ---------------------------------------------------------------
+def test_job_manager_reports_progress_and_failure(serve_runs):
+    from deployments.analysis_jobs import JobManager
+
+    manager = JobManager()
+    run = str(serve_runs.runs / "demo")
+    ok = manager.submit(run, "demo", {"analysis": "stats", "layers": "blocks.0-1", "params": {}})
+    bad = manager.submit(run, "demo", {"analysis": "pca", "layers": "blocks.0", "params": {"n_components": 999}})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(manager.get(j["id"])["state"] in ("queued", "running") for j in (ok, bad)):
+        time.sleep(0.05)
+    done, failed = manager.get(ok["id"]), manager.get(bad["id"])
+    # stats runs one task per shard: 2 layers x 3 shards (8 prompts, 3 per shard)
+    assert done["state"] == "succeeded" and done["progress"] == 1.0 and done["tasks_done"] == done["tasks_total"] == 6
+    assert failed["state"] == "failed" and "n_components=999" in failed["error"]
+    assert manager.get("missing") is None
+    manager.shutdown()
+
+
+def test_in_process_app_guards_and_audits(service, serve_runs, caplog):
+    from deployments.analysis_jobs import JobManager
+    from deployments.api import LocalExtractor, LocalJobs, NeuronMapAPI
+    from deployments.http import create_app
+
+    settings = ServeSettings(runs_dir=str(serve_runs.runs), models=["tiny"], rate_limit_per_minute=60,
+                             rate_limit_burst=2).resolved({"NEURONMAP_API_KEYS": "dana:d-key"})
+    app = create_app(NeuronMapAPI(settings, {"tiny": LocalExtractor(service)}, LocalJobs(JobManager())))
+
+    async def calls():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            key = {"x-api-key": "d-key"}
+            ok = await client.post("/v1/extract", json={"model": "tiny", "texts": ["hi"], "layers": "blocks.0"},
+                                   headers=key)
+            denied = await client.get("/v1/runs")
+            second = await client.get("/v1/runs", headers=key)
+            limited = await client.get("/v1/runs", headers=key)
+            return ok, denied, second, limited
+
+    with caplog.at_level(logging.INFO, logger="neuronmap.serve.audit"):
+        ok, denied, second, limited = asyncio.run(calls())
+    assert ok.status_code == 200 and ok.json()["layers"]["blocks.0"]["shape"] == [1, 64]
+    assert denied.status_code == 401 and second.status_code == 200
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "neuronmap.serve.audit"]
+    assert len(lines) == 4
+    assert lines[0].startswith("key=dana method=POST route=/v1/extract status=200 latency_ms=")
+    assert lines[1].startswith("key=- method=GET route=/v1/runs status=401")
+    assert "status=429" in lines[3]
