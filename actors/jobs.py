@@ -25,6 +25,7 @@ from neuronmap.errors import ConfigError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_GRACE_S = 30.0
 
 
 def resolve_address(address: str | None) -> str:
@@ -57,9 +58,21 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def enable_token_auth_if_available() -> None:
+    """Send the local Ray auth token when one exists and RAY_AUTH_MODE is unset.
+
+    A `ray start` on a machine that has ~/.ray/auth_token turns token authentication on by itself;
+    the job client only sends the token with RAY_AUTH_MODE=token, so mirror the server's choice.
+    """
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def client(address: str | None = None) -> Any:
     """A connected `JobSubmissionClient` (after a fast reachability probe)."""
     from ray.job_submission import JobSubmissionClient
+
+    enable_token_auth_if_available()
 
     url = resolve_address(address)
     check_reachable(url)
@@ -97,7 +110,17 @@ def submit(args: Sequence[str], address: str | None = None, working_dir: str | P
         words = words[1:]
     entrypoint = "neuronmap " + " ".join(shlex.quote(word) for word in words)
     env = load_runtime_env(runtime_env, working_dir)
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=env or None, submission_id=submission_id)
+    job_client = client(address)
+    # A freshly started head answers HTTP before its job agent is up ("No available agent to submit
+    # job"): give it a bounded grace period instead of failing the user's first submission.
+    deadline = time.monotonic() + AGENT_GRACE_S
+    while True:
+        try:
+            return job_client.submit_job(entrypoint=entrypoint, runtime_env=env or None, submission_id=submission_id)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def list_jobs(address: str | None = None) -> list[dict[str, Any]]:

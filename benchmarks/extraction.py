@@ -495,7 +495,7 @@ def per_token_bench(args: argparse.Namespace, big: Path, tiny: Path, frame: Any,
     from transformers import AutoModel
 
     import neuronmap
-    from neuronmap.store import RunWriter, open_run
+    from neuronmap.store import RunWriter
 
     B, M = args.batch_size, args.max_length
     repeats = max(args.repeats, 1)

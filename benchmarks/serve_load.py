@@ -13,10 +13,16 @@ What is measured (numbers and the exact command in benchmarks/BENCHMARKS.md, "Se
   `--max-requests`). Prompts cycle through the shipped prompt set. A short warm-up precedes each phase.
 - Per phase: requests/s, p50 and p99 latency (ms), errors (any non-200 or transport error), and the
   mean model batch size from the server's /metrics (`neuronmap_serve_batch_requests`).
-- Phases: batching on at each `--clients` count, then batching off at the largest count (and at every
-  count with `--unbatched-all`); the report gives the throughput ratio on/off at the largest count.
+- Phases: batching on at each `--clients` count but the largest; then `--rounds` alternating pairs
+  (on, off) at the largest count, so a machine whose load drifts affects both sides alike; the report
+  gives the median of the rounds on each side and their throughput ratio (`--unbatched-all`: batching
+  off at the smaller counts too).
+- Model side, without Serve: the same `ExtractionService` in this process on one torch thread, 32
+  one-prompt requests extracted as one merged batch (what `@serve.batch` hands the replica) against 32
+  separate calls: best of 5, ms per request and their ratio. That is the most batching can save; end
+  to end, the HTTP proxy, the ingress, the replica and the clients share the same CPUs.
 
-Loopback only, bounded in time (phases x (duration + warm-up)) and in requests.
+Loopback only, bounded in time ((clients - 1 + 2 x rounds) phases of duration + warm-up) and in requests.
 
 Usage::
 
@@ -102,6 +108,36 @@ async def phase(url: str, model: str, texts: list[str], clients: int, duration: 
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": int(errors)}
 
 
+
+def model_side(model: str, texts: list[str], n: int = 32, repeats: int = 5) -> dict:
+    """ms per request of n single-prompt requests: one merged batch vs n separate calls (1 torch thread)."""
+    import torch
+
+    from deployments.extractor import ExtractionService
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        service = ExtractionService.load(model, device="cpu")
+        jobs = [service.prepare([texts[i % len(texts)]], "blocks.*", "mean") for i in range(n)]
+        service.run(jobs)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times) / n * 1000
+
+        merged = best(lambda: service.run(jobs))
+        separate = best(lambda: [service.run([job]) for job in jobs])
+    finally:
+        torch.set_num_threads(before)
+    return {"requests": n, "merged_ms_per_request": round(merged, 3), "separate_ms_per_request": round(separate, 3),
+            "ratio": round(separate / merged, 2), "forward_batch_size": service.forward_batch_size}
+
+
 def batch_counts(url: str) -> tuple[float, float]:
     """(sum, count) of the neuronmap_serve_batch_requests histogram in the app's /metrics."""
     import httpx
@@ -112,15 +148,37 @@ def batch_counts(url: str) -> tuple[float, float]:
     return total, count
 
 
+def run_phases(base: str, model: str, texts: list[str], args: argparse.Namespace, counts: list[int]) -> list[dict]:
+    top = counts[-1]
+    plan = [("batched", c) for c in counts[:-1]]
+    plan += [("unbatched", c) for c in counts[:-1]] if args.unbatched_all else []
+    plan += [(name, top) for _ in range(args.rounds) for name in ("batched", "unbatched")]
+    results = []
+    for name, clients in plan:
+        url = f"{base}/{name}"
+        before = batch_counts(url)
+        row = asyncio.run(phase(url, "tiny", texts, clients, args.duration, args.max_requests, args.warmup))
+        after = batch_counts(url)
+        batches = after[1] - before[1]
+        row["batching"] = name == "batched"
+        row["mean_batch_requests"] = round((after[0] - before[0]) / batches, 2) if batches else None
+        results.append(row)
+        print(f"{name:>9} clients={clients:>3}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms"
+              f"  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  mean batch {row['mean_batch_requests']}",
+              flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per phase (default 30)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unrecorded load before each phase")
     parser.add_argument("--clients", default="1,8,32", help="concurrent clients per phase, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off pairs at the largest count")
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap on recorded requests per phase")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--unbatched-all", action="store_true", help="batching off at every client count too")
+    parser.add_argument("--unbatched-all", action="store_true", help="batching off at the smaller counts too")
     parser.add_argument("--model", default=None, help="model to serve (default: a fresh tiny GPT-2)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-serve.json")
     args = parser.parse_args(argv)
@@ -148,37 +206,33 @@ def main(argv: list[str] | None = None) -> int:
             options.start("127.0.0.1", port)
             base = f"http://127.0.0.1:{port}"
             for name, enabled in (("batched", True), ("unbatched", False)):
-                settings = {"runs_dir": tmp, "models": [model],
+                settings = {"runs_dir": tmp, "models": [f"tiny={model}"],
                             "batching": {"enabled": enabled, "max_batch_size": args.max_batch_size,
                                          "batch_wait_timeout_s": args.batch_wait_ms / 1000}}
                 options.run(build_app(settings), name=name, route_prefix=f"/{name}")
-            results = []
-            plan = [("batched", c) for c in counts] + [("unbatched", c) for c in (counts if args.unbatched_all
-                                                                                   else counts[-1:])]
-            for name, clients in plan:
-                url = f"{base}/{name}"
-                before = batch_counts(url)
-                row = asyncio.run(phase(url, model, texts, clients, args.duration, args.max_requests, args.warmup))
-                after = batch_counts(url)
-                batches = after[1] - before[1]
-                row["batching"] = name == "batched"
-                row["mean_batch_requests"] = round((after[0] - before[0]) / batches, 2) if batches else None
-                results.append(row)
-                print(f"{name:>9} clients={clients:>3}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms"
-                      f"  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  mean batch {row['mean_batch_requests']}",
-                      flush=True)
+            results = run_phases(base, model, texts, args, counts)
         finally:
             options.shutdown()
             ray.shutdown()
+        side = model_side(model, texts)
+    print(f"model side, {side['requests']} one-prompt requests: merged {side['merged_ms_per_request']} ms/req, "
+          f"separate {side['separate_ms_per_request']} ms/req ({side['ratio']}x)")
     top = counts[-1]
-    on = next(r for r in results if r["batching"] and r["clients"] == top)
-    off = next(r for r in results if not r["batching"] and r["clients"] == top)
-    ratio = round(on["throughput_rps"] / off["throughput_rps"], 2) if off["throughput_rps"] else None
-    print(f"batching on/off at {top} clients: {ratio}x throughput")
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "duration_s": args.duration,
-              "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "model": "tiny GPT-2"
-              if args.model is None else args.model, "cpus": os.cpu_count(), "python": platform.python_version(),
-              "load_average": os.getloadavg(), "results": results, "batching_ratio_at_max_clients": ratio}
+    medians = {}
+    for batching in (True, False):
+        rounds = [r for r in results if r["batching"] is batching and r["clients"] == top]
+        medians[batching] = {key: float(np.median([r[key] for r in rounds]))
+                             for key in ("throughput_rps", "p50_ms", "p99_ms")}
+        medians[batching]["errors"] = int(sum(r["errors"] for r in rounds))
+    ratio = round(medians[True]["throughput_rps"] / medians[False]["throughput_rps"], 2) \
+        if medians[False]["throughput_rps"] else None
+    print(f"batching on/off at {top} clients (median of {args.rounds} rounds): {ratio}x throughput")
+    report = {"command": " ".join(["python", *sys.argv]), "duration_s": args.duration, "rounds": args.rounds,
+              "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+              "model": "tiny GPT-2" if args.model is None else args.model, "cpus": os.cpu_count(),
+              "python": platform.python_version(), "load_average_after": os.getloadavg(), "results": results,
+              "medians_at_max_clients": {"batched": medians[True], "unbatched": medians[False]},
+              "batching_ratio_at_max_clients": ratio, "model_side": side}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

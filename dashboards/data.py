@@ -3,7 +3,7 @@
 Every lookup goes through `paths` (ids refused unless they name something inside the runs folder).
 Results are cached under a key that includes the file's modification time, so a run that gains shards
 or analyses is re-read, and a 100,000-sample run is read once, not on every page view: layer pages
-work on a seeded sample of at most `SAMPLE_ROWS` rows (`layer_sample`), or on the run's artifacts.
+work on a seeded sample of at most `SAMPLE_ROWS` rows in blocks (`layer_sample`), or on the run's artifacts.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from neuronmap.store import Run, load_manifest, open_run
 from . import paths
 
 SAMPLE_ROWS = 20_000
+SAMPLE_BLOCKS = 16
 MAX_DEPTH = 3
 SCAN_TTL_S = 2.0
 
@@ -207,7 +208,11 @@ class Repository:
 
     # -- layers ------------------------------------------------------------------------------------------
     def layer_sample(self, run_id: str, layer: str, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> LayerSample:
-        """A seeded sample of at most `max_rows` committed rows of `layer` (all of them when fewer)."""
+        """A seeded sample of at most `max_rows` committed rows of `layer` (all of them when fewer).
+
+        Above `max_rows` the sample is `SAMPLE_BLOCKS` randomly placed (seeded) blocks of consecutive rows, so
+        only those rows are read: a 100,000-row layer is not scanned to draw 20,000 points.
+        """
         from neuronmap.analysis.inputs import LayerInput, merge_ranges
 
         run = self.run(run_id)
@@ -218,11 +223,24 @@ class Repository:
         def compute() -> LayerSample:
             ranges = merge_ranges([tuple(shard.rows) for shard in run.shards(layer)])
             data = LayerInput(run.path, run.manifest, layer, ranges, None, 8192)
-            if data.n_rows == 0:
+            n = data.n_rows
+            if n == 0:
                 raise RunFormatError(f"layer {layer} of run {run_id} has no committed rows yet")
-            x, positions = data.sample(max_rows, seed)
-            return LayerSample(x.astype(np.float32, copy=False), data.layer_rows(positions),
-                               data.sample_ids(positions), data.n_rows)
+            if n <= max_rows:
+                return LayerSample(data.array().astype(np.float32, copy=False), data.layer_rows(), data.sample_ids(), n)
+            size = max(64, -(-max_rows // SAMPLE_BLOCKS))
+            blocks = -(-n // size)
+            chosen = np.sort(np.random.default_rng(seed).choice(blocks, min(blocks, -(-max_rows // size)), replace=False))
+            positions = np.concatenate([np.arange(b * size, min(n, (b + 1) * size)) for b in chosen])
+            rows = data.layer_rows(positions[:max_rows])
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            parts, ids = [], []
+            for group in np.split(rows, breaks):
+                span = (int(group[0]), int(group[-1]) + 1)
+                parts.append(run.array(layer, rows=span).reshape(len(group), -1))
+                ids.append(run.sample_ids(layer, rows=span))
+            x = np.concatenate(parts).astype(np.float32, copy=False)
+            return LayerSample(x, rows, np.concatenate(ids), n)
 
         return self._samples.get(key, compute)
 

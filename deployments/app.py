@@ -78,7 +78,11 @@ class HandleExtractor:
         self.handle = handle
 
     async def __call__(self, texts: list[str], layers: Any, pooling: str, dtype: str) -> ExtractOutcome:
-        return await self.handle.extract.remote(texts, layers, pooling, dtype)
+        try:
+            return await self.handle.extract.remote(texts, layers, pooling, dtype)
+        except Exception as error:  # noqa: BLE001 - a replica that died or cannot be reached: retryable
+            return ExtractOutcome.failure(503, "unavailable", "the model replica did not answer "
+                                          f"({type(error).__name__}); retry shortly")
 
 
 class HandleJobs:
@@ -88,10 +92,19 @@ class HandleJobs:
         self.handle = handle
 
     async def submit(self, run_path: str, run_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle.submit.remote(run_path, run_id, request)
+        return await self._call("submit", run_path, run_id, request)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        return await self.handle.get.remote(job_id)
+        return await self._call("get", job_id)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        from .schemas import ApiError
+
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as error:  # noqa: BLE001 - the job runner died or cannot be reached: retryable
+            raise ApiError(503, "unavailable", f"the analysis job runner did not answer ({type(error).__name__}); "
+                           "retry shortly") from None
 
 
 @serve.deployment
@@ -132,10 +145,10 @@ def configure_audit_log(path: str | None) -> None:
 
 
 def deployment_names(settings: ServeSettings) -> dict[str, str]:
-    """Deployment name of each part: {"ingress": ..., "jobs": ..., <model>: "model-..."}."""
+    """Deployment name of each part: {"ingress": ..., "jobs": ..., <served model name>: "model-<name>"}."""
     names = {"ingress": options.INGRESS_NAME, "jobs": options.JOBS_NAME}
     taken = set(names.values())
-    for model in settings.models:
+    for model in settings.served_models():
         names[model] = options.model_deployment_name(model, taken)
         taken.add(names[model])
     return names
@@ -146,7 +159,7 @@ def build_app(args: dict[str, Any] | ServeSettings | None = None) -> Any:
     settings = ServeSettings.parse(args).resolved()
     plain = settings.model_dump(mode="json")
     names = deployment_names(settings)
-    models = {model: ModelServer.options(**options.model_options(settings, names[model])).bind(model, plain)
-              for model in settings.models}
+    models = {name: ModelServer.options(**options.model_options(settings, names[name])).bind(source, plain)
+              for name, source in settings.served_models().items()}
     jobs = AnalysisJobs.options(**options.jobs_options(settings)).bind(plain)
     return NeuronMapIngress.options(**options.ingress_options(settings)).bind(plain, models, jobs)

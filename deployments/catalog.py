@@ -147,7 +147,8 @@ class RunsCatalog:
                     stats.add(batch)
                     rows += len(batch)
         except NeuronMapError as error:
-            raise ApiError(409, "run_unreadable", f"layer {layer!r} of run {run_id!r} cannot be read: {error}") from None
+            raise ApiError(409, "run_unreadable",
+                           f"layer {layer!r} of run {run_id!r} cannot be read: {error}") from None
         if rows == 0:
             raise ApiError(409, "no_rows", f"layer {layer!r} of run {run_id!r} has no committed rows yet")
         with warnings.catch_warnings(record=True) as caught:

@@ -6,6 +6,7 @@ entry point group (pyproject.toml), like `submit` and `jobs` from `actors`.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -33,15 +34,20 @@ def settings_from_options(**values: Any) -> Any:
 
 
 def serve_until_stopped(settings: Any, port: int, address: str | None, ready: Any = None) -> None:
-    """Connect to (or start) Ray, start Serve on settings.host:port, deploy, wait for Ctrl-C, tear down."""
+    """Connect to (or start) Ray, start Serve on settings.host:port, deploy, wait for Ctrl-C or SIGTERM,
+    tear down (Serve, then the embedded Ray cluster when this process started one)."""
     from actors import options as ray_options
     from actors.cluster import ray_session
 
     from . import options
     from .app import build_app
 
+    def stop(signum: int, frame: Any) -> None:  # `docker stop`, systemd: tear down like Ctrl-C
+        raise KeyboardInterrupt
+
     need = settings.model_num_cpus * settings.model_replicas * max(1, len(settings.models)) + 1
     with ray_session(address, num_cpus=need), ray_options.quiet_logs():
+        previous = signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         options.start(settings.host, port)
         try:
             options.run(build_app(settings))
@@ -50,6 +56,7 @@ def serve_until_stopped(settings: Any, port: int, address: str | None, ready: An
             while True:
                 time.sleep(1.0)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             options.shutdown()
 
 
@@ -60,7 +67,8 @@ def register(app: typer.Typer) -> None:
     def serve(
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder whose sub-folders are the runs served."),
         model: list[str] = typer.Option([], "--model", "-m", help="Model served by /v1/extract (repeatable): "
-                                        "registry name, local folder or hub id."),
+                                        "SOURCE or NAME=SOURCE (registry name, local folder or hub id); "
+                                        "requests name it NAME (or SOURCE)."),
         host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds; not loopback needs API keys."),
         port: int = typer.Option(8000, help="HTTP port."),
         address: Optional[str] = typer.Option(None, help="Ray cluster: auto | HOST:PORT (default: an embedded "
@@ -93,7 +101,7 @@ def register(app: typer.Typer) -> None:
 
         def ready() -> None:
             auth = "API keys required" if settings.auth_enabled else "no API keys"
-            console.print(f"[bold green]serving[/] {url}  (models: {', '.join(settings.models) or 'none'}; "
+            console.print(f"[bold green]serving[/] {url}  (models: {', '.join(settings.served_models()) or 'none'}; "
                           f"runs: {settings.runs_dir}; {auth})\n  {url}/docs  {url}/healthz  {url}/metrics  "
                           "- Ctrl-C stops")
 

@@ -34,6 +34,10 @@ from .settings import Limits
 
 # A layer range may name at most this many indices (`blocks.0-99999999` is refused before expansion).
 MAX_RANGE_ITEMS = 4096
+# Default texts per forward pass of a merged batch. On CPU a wide batch of mixed lengths mostly buys
+# padding (the tiny GPT-2 on 1 thread: 0.4 ms/text at 8, 1.8 ms/text at 32 for 32 shipped prompts).
+CPU_FORWARD_BATCH = 8
+GPU_FORWARD_BATCH = 32
 
 
 @dataclass
@@ -75,14 +79,16 @@ class ExtractionService:
     loaded : neuronmap LoadedModel
     limits : Limits
         Per-request bounds (layers, tokens per text, values per response).
-    forward_batch_size : int
-        Texts per forward pass inside a merged batch (length-sorted, like `neuronmap.extract`).
+    forward_batch_size : int, optional
+        Texts per forward pass inside a merged batch (length-sorted, like `neuronmap.extract`). By
+        default 8 on CPU, where a wide batch mostly pays for padding, and 32 on a GPU.
     """
 
-    def __init__(self, loaded: Any, limits: Limits | None = None, forward_batch_size: int = 32):
+    def __init__(self, loaded: Any, limits: Limits | None = None, forward_batch_size: int | None = None):
         self.loaded = loaded
         self.limits = limits or Limits()
-        self.forward_batch_size = forward_batch_size
+        on_cpu = str(getattr(loaded, "device", "cpu")).startswith("cpu")
+        self.forward_batch_size = forward_batch_size or (CPU_FORWARD_BATCH if on_cpu else GPU_FORWARD_BATCH)
         config = loaded.model.config
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.max_length = int(min(self.limits.max_tokens, positions)) if positions else self.limits.max_tokens
@@ -92,7 +98,7 @@ class ExtractionService:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", model_dtype: str = "auto", limits: Limits | None = None,
-             forward_batch_size: int = 32) -> "ExtractionService":
+             forward_batch_size: int | None = None) -> "ExtractionService":
         from neuronmap.models import load_model
 
         return cls(load_model(model, device=device, dtype=model_dtype), limits, forward_batch_size)

@@ -106,7 +106,8 @@ def error_body(status: int, code: str, message: str) -> bytes:
     return json.dumps({"error": code, "message": message, "detail": None}).encode()
 
 
-async def send_error(send: Callable, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(send: Callable, status: int, code: str, message: str,
+                     headers: dict[str, str] | None = None) -> None:
     body = error_body(status, code, message)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]

@@ -35,6 +35,7 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {**_ERROR, "description": "request does not match the schema"},
     429: {**_ERROR, "description": "rate limit reached", "headers": _RETRY_AFTER},
     500: {**_ERROR, "description": "server bug"},
+    503: {**_ERROR, "description": "a model replica or the job runner is unavailable: retry"},
 }
 RUN_ID = Path(..., min_length=1, max_length=200, description="a run folder's name under the runs directory")
 BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -141,7 +142,8 @@ def create_app(api: NeuronMapAPI) -> FastAPI:
         return api.health()
 
     @app.get("/metrics", response_class=Response, tags=["service"],
-             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics() -> Response:
         """Prometheus metrics: requests, latency histograms, model batch sizes."""
         content, media_type = api.metrics_text()

@@ -87,11 +87,48 @@ def start(host: str, port: int) -> None:
     serve.start(http_options=http_options(host, port), proxy_location="HeadOnly")
 
 
-def run(app: Any, name: str = APP_NAME, route_prefix: str = "/") -> Any:
-    """Deploy `app` and wait until its replicas are up; returns the ingress handle."""
+def run(app: Any, name: str = APP_NAME, route_prefix: str = "/", timeout_s: float = START_TIMEOUT_S) -> Any:
+    """Deploy `app` and wait until its replicas are up; returns the ingress handle.
+
+    `serve.run` waits without a bound (a replica that cannot be placed or keeps failing to start
+    waits forever), so it runs on a helper thread: after `timeout_s` a TimeoutError names the
+    deployments that are not running and Serve's message about each.
+    """
+    import threading
+
     from ray import serve
 
-    return serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    outcome: dict[str, Any] = {}
+
+    def deploy() -> None:
+        try:
+            outcome["handle"] = serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=deploy, name=f"serve-run-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"Serve application {name!r} is not running after {timeout_s:g} s: {app_status(name)}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["handle"]
+
+
+def app_status(name: str = APP_NAME) -> str:
+    """One line per deployment of application `name`: status, replica states, Serve's message."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception as error:  # noqa: BLE001 - a diagnostic must not raise
+        return f"(status unavailable: {error})"
+    if app is None:
+        return "(no such application)"
+    parts = [f"{deployment}: {state.status.value} {dict(state.replica_states)} {state.message}".strip()
+             for deployment, state in app.deployments.items()]
+    return f"{app.status.value} {app.message}".strip() + ("; " + "; ".join(parts) if parts else "")
 
 
 def delete(name: str = APP_NAME) -> None:

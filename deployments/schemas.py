@@ -139,8 +139,10 @@ class AnalysisDetail(BaseModel):
 
 
 class AnalysisRequest(_Body):
-    analysis: str = Field(min_length=1, max_length=ID_MAX, description="a registered analysis (neuronmap analyze --list)")
-    layers: Optional[Union[str, list[str]]] = Field(None, description="the run's layer names, globs, ranges; all by default")
+    analysis: str = Field(min_length=1, max_length=ID_MAX,
+                          description="a registered analysis (neuronmap analyze --list)")
+    layers: Optional[Union[str, list[str]]] = Field(None,
+                                                    description="the run's layer names, globs, ranges; all by default")
     params: dict[str, Any] = Field(default_factory=dict)
     labels: Optional[str] = Field(None, max_length=ID_MAX, description="label column of the run's prompts")
     force: bool = False

@@ -55,11 +55,13 @@ class ServeSettings(_Strict):
     """Configuration of one NeuronMap Serve application (see the module docstring)."""
 
     runs_dir: str = Field("runs", description="folder whose sub-folders are the runs served")
-    models: list[str] = Field(default_factory=list, description="models served by /v1/extract")
+    models: list[str] = Field(default_factory=list, description="models served by /v1/extract: SOURCE or "
+                              "NAME=SOURCE (registry name, local folder or hub id; requests name NAME)")
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds (decides the auth default)")
     device: str = "auto"
     model_dtype: str = "auto"
-    forward_batch_size: int = Field(32, ge=1, le=4096, description="texts per forward pass inside a batch")
+    forward_batch_size: Optional[int] = Field(None, ge=1, le=4096, description="texts per forward pass inside a "
+                                              "merged batch (length-sorted); default 8 on CPU, 32 on GPU")
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: Limits = Field(default_factory=Limits)
     auth: Literal["auto", "on", "off"] = "auto"
@@ -71,7 +73,8 @@ class ServeSettings(_Strict):
     model_replicas: int = Field(1, ge=1)
     model_num_cpus: float = Field(1.0, ge=0)
     model_num_gpus: float = Field(0.0, ge=0)
-    model_autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config of model deployments")
+    model_autoscaling: Optional[dict[str, Any]] = Field(None,
+                                                        description="Serve autoscaling_config of model deployments")
     ingress_replicas: int = Field(1, ge=1)
     job_workers: int = Field(1, ge=1, le=64, description="analyses run at once")
 
@@ -86,6 +89,19 @@ class ServeSettings(_Strict):
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "settings"
             raise ConfigError(f"serve setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+    def served_models(self) -> dict[str, str]:
+        """{name clients use: source to load} from `models` (``NAME=SOURCE`` or just ``SOURCE``)."""
+        served: dict[str, str] = {}
+        for spec in self.models:
+            name, sep, source = spec.partition("=")
+            name, source = (name.strip(), source.strip()) if sep else (spec.strip(), spec.strip())
+            if not name or not source:
+                raise ConfigError(f"model {spec!r}: write SOURCE or NAME=SOURCE, e.g. tiny=models/tiny-gpt2")
+            if name in served:
+                raise ConfigError(f"model name {name!r} is given twice; name each model once (NAME=SOURCE)")
+            served[name] = source
+        return served
 
     @property
     def auth_enabled(self) -> bool:
@@ -108,6 +124,7 @@ class ServeSettings(_Strict):
         if not hashes and self.auth == "auto" and not is_loopback(self.host):
             raise ConfigError(f"serving on {self.host} without API keys: set {KEYS_ENV}=id:key or "
                               "--api-keys-file FILE, or pass --no-auth to serve anyone who can reach the port")
+        self.served_models()  # a malformed model list fails here, where the app is built
         return self.model_copy(update={"api_key_hashes": hashes if self.auth != "off" else {}})
 
 

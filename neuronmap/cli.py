@@ -28,6 +28,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 from .analysis.cli import register as register_analyze; register_analyze(app)  # noqa: E402,E702
 from .questions.cli import register as register_generate; register_generate(app)  # noqa: E402,E702
+from .interventions.cli import register as register_patch; register_patch(app)  # noqa: E402,E702
 
 console = Console()
 err_console = Console(stderr=True)

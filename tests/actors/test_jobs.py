@@ -29,6 +29,9 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    from actors.jobs import enable_token_auth_if_available
+
+    enable_token_auth_if_available()  # the head enables token auth by itself when a token exists
     temp = tmp_path_factory.mktemp("rayhead")
     gcs, dash = free_port(), free_port()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}",

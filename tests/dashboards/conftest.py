@@ -12,7 +12,7 @@ import pytest
 
 CHROMIUM = os.environ.get("NEURONMAP_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).parent / "screenshots"
-RUN_ID = "tiny-gpt2"
+from dashtest_util import RUN_ID  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ Screenshots of every page land in tests/dashboards/screenshots/ (ignored by git)
 from __future__ import annotations
 
 import pytest
-from conftest import RUN_ID
+from dashtest_util import RUN_ID
 
 pytest.importorskip("dash", reason="the dashboard extra is not installed (pip install -e '.[dashboard]')")
 

@@ -6,7 +6,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import RUN_ID
+from dashtest_util import RUN_ID
 
 pytest.importorskip("dash", reason="the dashboard extra is not installed (pip install -e '.[dashboard]')")
 

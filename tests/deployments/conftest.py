@@ -1,6 +1,6 @@
 """Serve fixtures: one Serve instance on the session's Ray (127.0.0.1, a free port), two apps on it.
 
-- `open_app` (route prefix `/`): the tiny GPT-2 served, no API keys (loopback default), audit file;
+- `open_app` (route prefix `/`): the tiny GPT-2 served as `tiny`, no API keys (loopback default), audit file;
 - `guarded_app` (route prefix `/guarded`): no model, API keys from a key file, 60 requests a minute
   per key with bursts of 5, a 4 KiB body limit.
 
@@ -70,10 +70,10 @@ def open_app(serve_base, serve_runs, serve_model):
     from deployments.app import build_app
 
     audit = serve_runs.root / "audit.log"
-    app = build_app({"runs_dir": str(serve_runs.runs), "models": [serve_model], "audit_log": str(audit),
+    app = build_app({"runs_dir": str(serve_runs.runs), "models": [f"tiny={serve_model}"], "audit_log": str(audit),
                      "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}})
-    options.run(app, name="open", route_prefix="/")
-    yield SimpleNamespace(url=serve_base, audit=audit, model=serve_model)
+    options.run(app, name="open", route_prefix="/", timeout_s=180)
+    yield SimpleNamespace(url=serve_base, audit=audit, model="tiny")
     options.delete("open")
 
 
@@ -86,6 +86,6 @@ def guarded_app(serve_base, serve_runs):
     key_file.write_text("".join(f"{name}:{key}\n" for name, key in KEYS.items()))
     app = build_app({"runs_dir": str(serve_runs.runs), "api_keys_file": str(key_file), "rate_limit_per_minute": 60,
                      "rate_limit_burst": 5, "limits": {"max_body_bytes": 4096}})
-    options.run(app, name="guarded", route_prefix="/guarded")
+    options.run(app, name="guarded", route_prefix="/guarded", timeout_s=180)
     yield SimpleNamespace(url=f"{serve_base}/guarded", keys=KEYS)
     options.delete("guarded")

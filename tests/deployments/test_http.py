@@ -113,7 +113,8 @@ def test_bad_extract_requests_are_4xx_json(open_app, body, status, words):
 def test_unknown_model_and_broken_json_are_4xx(open_app):
     response = httpx.post(f"{open_app.url}/v1/extract", json={"model": "gpt-99", "texts": ["hi"]})
     assert response.status_code == 422 and "model" in response.json()["message"]
-    broken = httpx.post(f"{open_app.url}/v1/extract", content=b"{not json", headers={"content-type": "application/json"})
+    broken = httpx.post(f"{open_app.url}/v1/extract", content=b"{not json",
+                        headers={"content-type": "application/json"})
     assert broken.status_code == 422 and broken.json()["error"] == "validation_error"
 
 

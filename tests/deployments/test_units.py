@@ -4,6 +4,7 @@ encodings, path checks, the extraction service, jobs, and the FastAPI app in-pro
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 
@@ -23,7 +24,8 @@ from neuronmap.errors import ConfigError
 # -- settings and keys -------------------------------------------------------------------------------
 def test_keys_from_env_and_file_become_digests(tmp_path):
     (tmp_path / "keys.yaml").write_text("carol: c-key\n")
-    settings = ServeSettings(api_keys_file=str(tmp_path / "keys.yaml")).resolved({"NEURONMAP_API_KEYS": "alice:a-key, b-key"})
+    settings = ServeSettings(api_keys_file=str(tmp_path / "keys.yaml")).resolved(
+        {"NEURONMAP_API_KEYS": "alice:a-key, b-key"})
     hashes = settings.api_key_hashes
     assert hashes["alice"] == key_digest("a-key") and hashes["carol"] == key_digest("c-key")
     assert hashes[f"key-{key_digest('b-key')[:8]}"] == key_digest("b-key")
@@ -38,6 +40,15 @@ def test_auth_defaults_follow_the_host():
     with pytest.raises(ConfigError, match="no API keys"):
         ServeSettings(auth="on").resolved({})
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.0.0.5")
+
+
+def test_served_model_names():
+    settings = ServeSettings(models=["tiny=models/tiny-gpt2", "gpt2", " minilm = all-minilm-l6-v2 "])
+    assert settings.served_models() == {"tiny": "models/tiny-gpt2", "gpt2": "gpt2", "minilm": "all-minilm-l6-v2"}
+    with pytest.raises(ConfigError, match="twice"):
+        ServeSettings(models=["a=x", "a=y"]).resolved({})
+    with pytest.raises(ConfigError, match="NAME=SOURCE"):
+        ServeSettings(models=["=x"]).served_models()
 
 
 def test_bad_key_sources_and_settings_are_config_errors(tmp_path):
@@ -143,7 +154,8 @@ def test_merged_batch_equals_separate_extractions(service, tiny_model_dir, tmp_p
     jobs = [service.prepare(texts[:1], layers, "last"), service.prepare(texts[1:], layers, "last"),
             service.prepare(texts, "blocks.2", "mean")]
     outcomes = service.run(jobs)
-    assert [o.batch_requests for o in outcomes] == [3, 3, 3] and [o.first_in_batch for o in outcomes] == [True, False, False]
+    assert [o.batch_requests for o in outcomes] == [3, 3, 3]
+    assert [o.first_in_batch for o in outcomes] == [True, False, False]
     got = np.concatenate([outcomes[0].arrays["blocks.0"], outcomes[1].arrays["blocks.0"]])
     np.testing.assert_allclose(got, reference.array("blocks.0"), rtol=1e-5, atol=1e-6)
     pattern = reference.array("blocks.1.attn.pattern")  # padded to the longest of all three texts
@@ -179,7 +191,8 @@ def test_job_manager_reports_progress_and_failure(serve_runs):
     ok = manager.submit(run, "demo", {"analysis": "stats", "layers": "blocks.0-1", "params": {}})
     bad = manager.submit(run, "demo", {"analysis": "pca", "layers": "blocks.0", "params": {"n_components": 999}})
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(manager.get(j["id"])["state"] in ("queued", "running") for j in (ok, bad)):
+    while time.monotonic() < deadline and any(manager.get(j["id"])["state"] in ("queued", "running")
+                                              for j in (ok, bad)):
         time.sleep(0.05)
     done, failed = manager.get(ok["id"]), manager.get(bad["id"])
     # stats runs one task per shard: 2 layers x 3 shards (8 prompts, 3 per shard)
@@ -210,7 +223,10 @@ def test_in_process_app_guards_and_audits(service, serve_runs, caplog):
             return ok, denied, second, limited
 
     with caplog.at_level(logging.INFO, logger="neuronmap.serve.audit"):
-        ok, denied, second, limited = asyncio.run(calls())
+        # A fresh thread owns its own event loop: another test (e.g. a browser driver) may have left
+        # one running in this thread, where asyncio.run would refuse.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            ok, denied, second, limited = pool.submit(asyncio.run, calls()).result()
     assert ok.status_code == 200 and ok.json()["layers"]["blocks.0"]["shape"] == [1, 64]
     assert denied.status_code == 401 and second.status_code == 200
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
