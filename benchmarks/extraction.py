@@ -525,12 +525,11 @@ def per_token_bench(args: argparse.Namespace, big: Path, tiny: Path, frame: Any,
         names = warm.layers
         arrays = {name: warm.array(name) for name in names}
         payload = int(sum(a.nbytes for a in arrays.values()))
-        shard_plan = []
-        for name in names:
-            for shard in warm.shards(name):
-                rows = slice(*shard.rows)
-                shard_plan.append((name, shard.index, shard.rows, shard.samples, arrays[name][rows],
-                                   warm.sample_ids(name, shard.rows), warm.token_index(name, shard.rows)))
+        shard_plan = []  # one entry per shard index: all layers, committed together as extract does
+        for shard in warm.shards(names[0]):
+            rows = slice(*shard.rows)
+            shard_plan.append((shard.index, shard.rows, shard.samples, {name: arrays[name][rows] for name in names},
+                               warm.sample_ids(names[0], shard.rows), warm.token_index(names[0], shard.rows)))
         manifest = warm.manifest.model_copy(deep=True, update={"shards": [], "status": "running"})
         file_bytes = int(sum(s.bytes for n in names for s in warm.shards(n)))
         shutil.rmtree(scratch / f"pt-{label}-warm", ignore_errors=True)
@@ -561,9 +560,9 @@ def per_token_bench(args: argparse.Namespace, big: Path, tiny: Path, frame: Any,
             store = scratch / f"pt-{label}-store{r}"
             start = time.perf_counter()
             writer = RunWriter(store, manifest)
-            for name, index, rows, samples, acts, sample_ids, token_index in shard_plan:
-                writer.write_shard(name, index, rows=rows, samples=samples, activations=acts,
-                                   sample_ids=sample_ids, token_index=token_index)
+            for index, rows, samples, layer_arrays, sample_ids, token_index in shard_plan:
+                writer.write_shards(index, rows=rows, samples=samples, arrays=layer_arrays,
+                                    sample_ids=sample_ids, token_index=token_index)
             t_store.append(time.perf_counter() - start)
             shutil.rmtree(store, ignore_errors=True)
 

@@ -33,7 +33,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("hdf5", "parquet")
 # Target bytes of activations buffered per shard (all layers together) when the caller does not
 # choose `samples_per_shard`: large enough for length sorting to pay off, small enough for laptops.
-SHARD_TARGET_BYTES = 256 * 1024**2
+SHARD_TARGET_BYTES = 128 * 1024**2  # two are in memory at once: one computed, one being committed
 ENGINE_GROUP = "neuronmap.engines"
 
 
@@ -141,14 +141,38 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
 
 
 def pad_batch(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of token id lists into (input_ids, attention_mask) on `device`."""
+    """Right-pad a list of token id lists into (input_ids, attention_mask) on `device`.
+
+    On CUDA the host tensors are pinned and copied without blocking, so building the next batch
+    never waits for the GPU to finish the current one.
+    """
     width = max(len(seq) for seq in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
     for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        input_ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
-    return input_ids.to(device), mask.to(device)
+    return to_device(input_ids, device), to_device(mask, device)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`; pinned and non-blocking on CUDA (ordered on the stream)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def real_token_index(lengths: Sequence[int], width: int) -> np.ndarray:
+    """Flat positions (row * width + position) of the real tokens of a right-padded batch, row-major.
+
+    `hidden.flatten(0, 1)[index]` equals `hidden[mask.bool()]` but needs no device-to-host sync
+    (boolean indexing must first count the selected rows on the device).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.repeat(np.arange(len(lengths), dtype=np.int64) * width, lengths)
+    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return starts + within
 
 
 class BatchPooler:
@@ -164,6 +188,7 @@ class BatchPooler:
         self.storage_dtype = storage_dtype
         self.pattern_width = pattern_width
         self.mask: torch.Tensor | None = None
+        self.token_rows: torch.Tensor | None = None  # `real_token_index` of the batch, for pooling "none"
 
     def __call__(self, ref: Any, tensor: torch.Tensor) -> torch.Tensor:
         assert self.mask is not None, "BatchPooler.mask must be set before each forward"
@@ -178,6 +203,8 @@ class BatchPooler:
             )
         if tensor.dtype in (torch.float16, torch.bfloat16):
             tensor = tensor.float()
+        if self.pooling == "none" and self.token_rows is not None:
+            return tensor.flatten(0, 1).index_select(0, self.token_rows).to(self.storage_dtype)
         return pool(tensor, self.mask, self.pooling).to(self.storage_dtype)
 
 
@@ -226,33 +253,36 @@ def extract_shard(
     samples (pooled) or of real tokens (pooling "none").
     """
     adapter = loaded.adapter
+    device = torch.device(loaded.device)
     per_token = pooler.pooling == "none"
     first, last = samples.start, samples.stop
     row_base = plan.row_offsets[first] if per_token else first
     n_rows = int(plan.row_offsets[last] - plan.row_offsets[first]) if per_token else last - first
-    dtype = np.float16 if pooler.storage_dtype == torch.float16 else np.float32
-    out = {name: np.empty((n_rows, *shape), dtype=dtype) for name, shape in plan.shapes.items()}
+    # The shard is assembled on the device and copied to the host once at the end: no per-batch
+    # sync, so on a GPU the next batch is queued while the current one runs.
+    out = {name: torch.empty((n_rows, *shape), dtype=pooler.storage_dtype, device=device)
+           for name, shape in plan.shapes.items()}
     lengths = tokens.lengths[first:last]
     with torch.inference_mode(), adapter.attention_patterns(plan.refs), Capture(plan.refs, pooler, stop_early=True) as cap:
         for local in length_sorted_batches(lengths, batch_size):
             index = local + first
-            input_ids, mask = pad_batch([tokens.ids[i] for i in index], loaded.tokenizer.pad_token_id, loaded.device)
+            batch_lengths = tokens.lengths[index]
+            input_ids, mask = pad_batch([tokens.ids[i] for i in index], loaded.tokenizer.pad_token_id, device)
             pooler.mask = mask
+            if per_token:
+                pooler.token_rows = to_device(real_token_index(batch_lengths, input_ids.shape[1]), device)
+                starts = plan.row_offsets[index] - row_base
+                rows = np.repeat(starts, batch_lengths) + real_token_index(batch_lengths, 0)
+            else:
+                rows = local.astype(np.int64)
+            rows_t = to_device(np.ascontiguousarray(rows, dtype=np.int64), device)
             cap.run(adapter.forward, input_ids, mask, plan.refs)
             for name, value in cap.outputs.items():
-                host = value.cpu().numpy()
-                if per_token:
-                    cursor = 0
-                    for sample in index:
-                        size = int(tokens.lengths[sample])
-                        start = int(plan.row_offsets[sample] - row_base)
-                        out[name][start : start + size] = host[cursor : cursor + size]
-                        cursor += size
-                else:
-                    out[name][local] = host
+                out[name].index_copy_(0, rows_t, value.to(device, non_blocking=True))
             if on_batch is not None:
                 on_batch(len(index))
-    return out
+    pooler.token_rows = None
+    return {name: tensor.cpu().numpy() for name, tensor in out.items()}
 
 
 def commit_shard(writer: Any, index: int, samples: range, row_start: int, arrays: dict[str, np.ndarray],
@@ -271,12 +301,9 @@ def commit_shard(writer: Any, index: int, samples: range, row_start: int, arrays
     else:
         rows = (samples.start, samples.stop)
         ids, token_index = sample_ids, None
-    records = []
-    for name, array in arrays.items():
-        if not writer.committed(name, index):
-            records.append(writer.write_shard(name, index, rows=rows, samples=(samples.start, samples.stop),
-                                              activations=array, sample_ids=ids, token_index=token_index))
-    return records
+    todo = {name: array for name, array in arrays.items() if not writer.committed(name, index)}
+    return writer.write_shards(index, rows=rows, samples=(samples.start, samples.stop), arrays=todo,
+                               sample_ids=ids, token_index=token_index)
 
 
 def plan_run(
@@ -411,7 +438,8 @@ def extract(
     batch_size, max_length : int
         Prompts per forward pass; tokens per prompt (longer prompts are truncated and counted).
     samples_per_shard : int, optional
-        Samples per shard; by default chosen so a shard buffers about 256 MB.
+        Samples per shard; by default chosen so a shard buffers about 128 MB (one shard is computed
+        while the previous one is stored).
     engine : {"local", "ray", ...}
         `local` runs in this process; other engines are looked up in the `neuronmap.engines` entry
         point group (`ray`: a Ray Data pipeline over an actor pool, from the `actors` package). Every
@@ -427,6 +455,7 @@ def extract(
     """
     from .models import LoadedModel, load_model
     from .store import RunWriter, open_run
+    from .store.background import BackgroundCommits
 
     check_pooling(pooling)
     if format not in FORMATS:
@@ -467,16 +496,17 @@ def extract(
     pooler = BatchPooler(pooling, STORAGE_DTYPES[dtype], pattern_width=run_plan.pattern_width)
     sample_ids = frame["sample_id"].to_numpy()
     try:
-        with progress_bar(progress, run_plan.n_samples, f"extract {loaded.name}") as bar:
+        with progress_bar(progress, run_plan.n_samples, f"extract {loaded.name}") as bar, \
+                BackgroundCommits() as commits:  # shard N is stored while shard N+1 is computed
             for index, samples in enumerate(run_plan.shards()):
                 if all(writer.committed(name, index) for name in plan.shapes):
                     bar.advance(0, len(samples))
                     continue
                 arrays = extract_shard(loaded, plan, tokens, samples, pooler, batch_size,
                                        on_batch=lambda n: bar.advance(0, n))
-                commit_shard(writer, index, samples, run_plan.first_row(samples.start, per_token), arrays,
-                             sample_ids[samples.start : samples.stop], tokens.lengths[samples.start : samples.stop],
-                             per_token)
+                commits.submit(commit_shard, writer, index, samples, run_plan.first_row(samples.start, per_token),
+                               arrays, sample_ids[samples.start : samples.stop],
+                               tokens.lengths[samples.start : samples.stop], per_token)
         writer.complete()
     except KeyboardInterrupt:
         raise

@@ -140,29 +140,34 @@ def test_interrupted_run_resumes_to_the_same_arrays(loaded, tmp_path, monkeypatc
 
     lm = loaded("gpt2")
     full = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "full", samples_per_shard=2)
-    original = RunWriter.write_shard
+    original = RunWriter.write_shards
     calls = {"n": 0}
 
-    def crash_on_fifth(self, *args, **kwargs):
+    def crash_on_third(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 3:
             raise RuntimeError("worker died")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(RunWriter, "write_shard", crash_on_fifth)
+    monkeypatch.setattr(RunWriter, "write_shards", crash_on_third)
     with pytest.raises(RuntimeError, match="worker died"):
         neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "resumed", samples_per_shard=2)
     partial = open_run(tmp_path / "resumed")
     assert partial.manifest.status != "complete"
-    assert len(partial.manifest.shards) == 4
-    monkeypatch.setattr(RunWriter, "write_shard", original)
+    n_layers = len(full.layers)
+    assert len(partial.manifest.shards) == 2 * n_layers  # shards 0 and 1 of every layer, nothing of shard 2
 
     written = []
-    monkeypatch.setattr(RunWriter, "write_shard", lambda self, layer, index, **kw: (written.append((layer, index)),
-                                                                                    original(self, layer, index, **kw)))
+
+    def counting(self, index, **kw):
+        written.extend((layer, index) for layer in kw["arrays"])
+        return original(self, index, **kw)
+
+    monkeypatch.setattr(RunWriter, "write_shards", counting)
     resumed = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "resumed", samples_per_shard=2)
     assert resumed.manifest.status == "complete"
-    assert len(written) == len(full.manifest.shards) - 4
+    assert len(written) == len(full.manifest.shards) - 2 * n_layers
+    assert {index for _, index in written} == set(range(2, len(full.manifest.shards) // n_layers))
     for layer in full.layers:
         np.testing.assert_array_equal(resumed.array(layer), full.array(layer))
     assert verify_run(tmp_path / "resumed").ok
@@ -262,3 +267,19 @@ def test_no_hook_survives_extraction_or_a_failing_forward(family, tiny_model, tm
     with pytest.raises(RuntimeError, match="forward failed"):
         neuronmap.extract(lm, PROMPTS[:3], layers=names, out=tmp_path / "bad")
     assert count() == before
+
+
+def test_real_token_index_selects_what_the_mask_selects():
+    """The sync-free per-token gather equals boolean-mask indexing (same rows, same order)."""
+    import torch
+
+    from neuronmap.extraction import real_token_index
+
+    lengths = np.array([3, 1, 5, 2])
+    width = 5
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = True
+    hidden = torch.randn(len(lengths), width, 7)
+    index = torch.from_numpy(real_token_index(lengths, width))
+    torch.testing.assert_close(hidden.flatten(0, 1)[index], hidden[mask], rtol=0, atol=0)

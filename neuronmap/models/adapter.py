@@ -360,9 +360,16 @@ class ModelAdapter:
     def _full(self, rel: str) -> str:
         return f"{self._base_path}.{rel}" if self._base_path else rel
 
-    @staticmethod
-    def _is_inside(module: nn.Module, root: nn.Module | None) -> bool:
-        return root is not None and any(m is module for m in root.modules())
+    def _is_inside(self, module: nn.Module, root: nn.Module | None) -> bool:
+        # Called on every forward: walking root.modules() each time cost ~6 ms per batch on a
+        # 22-block Llama, as much as the GPU forward itself. The members are remembered per root.
+        if root is None:
+            return False
+        cache = self.__dict__.setdefault("_members", {})
+        members = cache.get(id(root))
+        if members is None or members[0] is not root:
+            members = cache[id(root)] = (root, frozenset(id(m) for m in root.modules()))
+        return id(module) in members[1]
 
     def _device(self) -> torch.device:
         param = next(self.model.parameters(), None)

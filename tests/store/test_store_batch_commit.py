@@ -1,0 +1,126 @@
+"""`RunWriter.write_shards` (all layers of a shard in one commit) and `BackgroundCommits`."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import neuronmap.store.manifest as manifest_module
+import neuronmap.store.writer as writer_module
+from neuronmap.errors import StorageError
+from neuronmap.store import RunWriter, load_manifest, open_run
+from neuronmap.store.background import BackgroundCommits
+from neuronmap.store.shards import sha256_file
+from storetest_util import LAYERS, listing, make_manifest, plan, write_run
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_write_shards_equals_one_layer_at_a_time(tmp_path, fmt, per_token):
+    """Same files (byte for byte), same manifest records as `write_shard` per layer; one manifest rewrite per shard."""
+    reference = write_run(tmp_path / "ref", format=fmt, per_token=per_token)
+    lengths, n_rows, shards = plan(per_token)
+    manifest = make_manifest(LAYERS, "float32", per_token, 7, n_rows if per_token else None)
+    writer = RunWriter(tmp_path / "batch", manifest, format=fmt)
+    writer.write_prompts(reference.prompts)
+    saves = []
+    original_save = writer._save
+    writer._save = lambda m: (saves.append(1), original_save(m))
+    for index, (rows, samples) in enumerate(shards):
+        sl = slice(*rows)
+        writer.write_shards(index, rows=rows, samples=samples,
+                            arrays={name: reference.arrays[name][sl] for name in LAYERS},
+                            sample_ids=reference.sample_ids[sl],
+                            token_index=None if reference.token_index is None else reference.token_index[sl])
+    assert len(saves) == len(shards)  # one manifest rewrite per shard, not per layer
+    writer.complete()
+
+    ref, got = open_run(tmp_path / "ref"), open_run(tmp_path / "batch")
+    assert sorted((s.path, s.rows, s.samples, s.sha256, s.bytes) for s in got.manifest.shards) == \
+        sorted((s.path, s.rows, s.samples, s.sha256, s.bytes) for s in ref.manifest.shards)
+    for shard in got.manifest.shards:  # the recorded hash is the file's
+        assert sha256_file(tmp_path / "batch" / shard.path) == shard.sha256
+    for name in LAYERS:
+        np.testing.assert_array_equal(got.array(name), reference.arrays[name])
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_one_failing_layer_commits_no_layer_of_the_shard(tmp_path, monkeypatch, fmt):
+    written = write_run(tmp_path / "run", format=fmt, complete=False, n_shards_to_write=1)
+    before_manifest = (tmp_path / "run" / "manifest.json").read_bytes()
+    before_files = listing(tmp_path / "run")
+    writer = RunWriter(tmp_path / "run", make_manifest(), format=fmt)
+    original = writer_module.write_shard_file
+
+    def full_disk_on_second_layer(path, format, layer, *args, **kwargs):
+        if layer == "blocks.1.attn.pattern":
+            with open(path, "ab") as fh:
+                fh.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path, format, layer, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_shard_file", full_disk_on_second_layer)
+    rows = written.shard_rows[1]
+    sl = slice(*rows)
+    with pytest.raises(StorageError, match="disk full while writing .*re-run the same command"):
+        writer.write_shards(1, rows=rows, samples=rows, arrays={name: written.arrays[name][sl] for name in LAYERS},
+                            sample_ids=written.sample_ids[sl])
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == before_manifest
+    assert listing(tmp_path / "run") == before_files  # no temp file, no renamed file of the healthy layers
+    assert len(load_manifest(tmp_path / "run").shards) == len(LAYERS)
+
+
+def test_failing_manifest_rewrite_unlists_and_removes_every_renamed_file(tmp_path, monkeypatch):
+    written = write_run(tmp_path / "run", complete=False, n_shards_to_write=1)
+    before_files = listing(tmp_path / "run")
+    writer = RunWriter(tmp_path / "run", make_manifest())
+
+    def broken(run, manifest):
+        raise StorageError(f"disk full while writing {run}/manifest.json: free space and re-run the same command")
+
+    monkeypatch.setattr(writer_module, "write_manifest", broken)
+    rows = written.shard_rows[1]
+    sl = slice(*rows)
+    with pytest.raises(StorageError):
+        writer.write_shards(1, rows=rows, samples=rows, arrays={name: written.arrays[name][sl] for name in LAYERS},
+                            sample_ids=written.sample_ids[sl])
+    monkeypatch.setattr(writer_module, "write_manifest", manifest_module.write_manifest)
+    assert listing(tmp_path / "run") == before_files
+    assert len(load_manifest(tmp_path / "run").shards) == len(LAYERS)
+
+
+def test_background_commits_overlap_and_reraise():
+    started, release = threading.Event(), threading.Event()
+    order = []
+
+    def slow(tag):
+        started.set()
+        release.wait(5)
+        order.append(tag)
+
+    with BackgroundCommits() as commits:
+        commits.submit(slow, "first")
+        assert started.wait(5)
+        order.append("caller kept computing")  # the caller is not blocked by the commit in flight
+        release.set()
+        commits.submit(order.append, "second")  # waits for "first" before starting
+    assert order == ["caller kept computing", "first", "second"]
+
+    def boom():
+        raise StorageError("disk full while writing x: free space and re-run the same command")
+
+    with pytest.raises(StorageError, match="disk full"):
+        with BackgroundCommits() as commits:
+            commits.submit(boom)
+            commits.submit(order.append, "never")  # the earlier error surfaces here
+    assert "never" not in order
+
+    with pytest.raises(ValueError, match="caller failed"):  # the block's own error wins; the commit still finishes
+        with BackgroundCommits() as commits:
+            commits.submit(order.append, "finished anyway")
+            raise ValueError("caller failed")
+    assert order[-1] == "finished anyway"
