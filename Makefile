@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/neuronmap demo --out runs/demo
+	$(BIN)/neuronmap run examples/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

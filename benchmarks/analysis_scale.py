@@ -17,11 +17,12 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
      plain h5py in ``--batch-size``-row slices into numpy, nothing else (measured before and after
      the analyses; the mean is the reference). ``store read``: the same rows through
      ``Run.iter_batches`` (neuronmap's reader).
-   - ``stats``: ``analyze(run, "stats")`` over every layer (one pass, mergeable per-shard partials);
-     ``stats_reservoir_1024``: the same with ``reservoir_size=1024`` (the percentile sample every
-     shard's partial holds until the reduce).
+   - ``stats``: ``analyze(run, "stats")`` over every layer (one pass; per-shard partials folded into
+     the running result as they arrive); ``stats_reservoir_1024``: the same with
+     ``reservoir_size=1024`` (the percentile sample each shard's partial carries).
    - ``pca``: ``analyze(run, "pca", method="incremental", n_components=--pca-components, project=0)``
-     (IncrementalPCA streamed over the batches) over every layer.
+     (one streamed pass: the float64 covariance accumulated with BLAS, then one eigendecomposition)
+     over every layer.
    - ``cka minibatch``: ``analyze(run, "cka", method="minibatch")`` over every layer pair (minibatches
      of 256 rows of both layers).
 
@@ -42,11 +43,19 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
    the feature form's n is extrapolated (its cost grows as n^2, and its memory, 8 n^2 bytes per
    layer, does not fit).
 
+3. The registered ``cka`` analysis (linear) over every pair of ``--pairs-layers`` layers of a run of
+   ``--pairs-n`` rows x ``--width`` float32 (written like part 1's): ``analyze(run, "cka")``, which
+   computes each layer's self-moments once and each pair's cross-moments once (L + L (L - 1) / 2
+   moment passes), against the per-pair form it replaced, ``linear_cka`` on the two layers' batch
+   factories for every pair (both layers' self-moments again for every pair: 3 L (L - 1) / 2 passes),
+   each in its own child process; the values are compared (max abs difference).
+
 Usage::
 
     .venv/bin/python benchmarks/analysis_scale.py                    # 8 GB run + CKA at n=50,000
     .venv/bin/python benchmarks/analysis_scale.py --gb 1 --skip-cka  # smaller run only
     .venv/bin/python benchmarks/analysis_scale.py --skip-cka --steps direct_read,raw_read_before,stats
+    .venv/bin/python benchmarks/analysis_scale.py --skip-scale --skip-cka --pairs-layers 6   # part 3 only
 """
 
 from __future__ import annotations
@@ -95,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "store_read, stats, stats_reservoir_1024, pca_incremental, cka_minibatch, raw_read_after")
     parser.add_argument("--skip-scale", action="store_true", help="skip part 1 (the large run)")
     parser.add_argument("--skip-cka", action="store_true", help="skip part 2 (CKA matrix)")
+    parser.add_argument("--pairs-layers", type=int, default=6, help="part 3: layers of the cka pairs run (default 6)")
+    parser.add_argument("--pairs-n", type=int, default=20_000, help="part 3: rows of the cka pairs run (default 20000)")
+    parser.add_argument("--skip-pairs", action="store_true", help="skip part 3 (registered cka over layer pairs)")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS/OpenMP threads of every measured process (default 1: on a busy machine two "
                              "threads spin-wait and run several times slower)")
@@ -286,6 +298,22 @@ def child_cka_gram(n: int, width: int, count: int) -> dict:
     return {"seconds": seconds, "gram_seconds": grams_done - started, "n": n, "d": width, "layers": count}
 
 
+def child_cka_pairs_per_pair(run: str, batch_size: int) -> dict:
+    """The per-pair form: every pair's linear CKA from scratch (both self-moments and the cross-moments)."""
+    import itertools
+
+    from neuronmap.analysis.cka import linear_cka
+    from neuronmap.store import open_run
+
+    handle = open_run(run)
+    started = time.perf_counter()
+    values = {}
+    for first, second in itertools.combinations(handle.layers, 2):
+        values[f"{first}|{second}"] = linear_cka(lambda: handle.iter_batches(first, batch_size=batch_size),
+                                                 lambda: handle.iter_batches(second, batch_size=batch_size))
+    return {"seconds": time.perf_counter() - started, "pairs": len(values), "cka": values}
+
+
 def child_main(argv: list[str]) -> None:
     kind, rest = argv[0], argv[1:]
     if kind == "write":
@@ -298,6 +326,8 @@ def child_main(argv: list[str]) -> None:
         out = child_store_read(rest[0], int(rest[1]))
     elif kind == "analysis":
         out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]))
+    elif kind == "cka-pairs-per-pair":
+        out = child_cka_pairs_per_pair(rest[0], int(rest[1]))
     elif kind == "cka-feature":
         out = child_cka_feature(int(rest[0]), int(rest[1]), int(rest[2]))
     elif kind == "cka-gram":
@@ -403,6 +433,32 @@ def part_cka(args: argparse.Namespace) -> dict:
     return report
 
 
+def part_pairs(args: argparse.Namespace) -> dict:
+    count, n = args.pairs_layers, args.pairs_n
+    report: dict = {"layers": count, "n": n, "d": args.width, "pairs": count * (count - 1) // 2,
+                    "moment_passes_shared": count + count * (count - 1) // 2,
+                    "moment_passes_per_pair": 3 * count * (count - 1) // 2}
+    base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
+    workdir = Path(tempfile.mkdtemp(prefix="neuronmap-pairs-", dir=base))
+    run, b = workdir / "run", str(args.batch_size)
+    try:
+        print(f"writing a {count} x {n} x {args.width} run for the cka pairs ...", end=" ", flush=True)
+        report["write"] = run_child(["write", str(run), str(n), str(count), str(args.width), str(args.samples_per_shard)])
+        print(f"{report['write']['seconds']:.0f} s", flush=True)
+        print("cka per pair (linear_cka for every pair) ...", end=" ", flush=True)
+        per_pair = report["per_pair"] = run_child(["cka-pairs-per-pair", str(run), b])
+        print(f"{per_pair['seconds']:.1f} s, peak RSS {per_pair['peak_rss_mb']:.0f} MB", flush=True)
+        print("cka analysis (self-moments shared) ...", end=" ", flush=True)
+        shared = report["shared"] = run_child(["analysis", str(run), "cka", "{}", b])
+        print(f"{shared['seconds']:.1f} s, peak RSS {shared['peak_rss_mb']:.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["per_pair_over_shared"] = per_pair["seconds"] / shared["seconds"]
+    report["max_abs_difference"] = max(abs(shared["metrics"][unit]["cka"] - value)
+                                       for unit, value in per_pair["cka"].items())
+    return report
+
+
 def environment() -> dict:
     import h5py
 
@@ -434,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         results["scale"] = part_scale(args)
     if not args.skip_cka:
         results["cka"] = part_cka(args)
+    if not args.skip_pairs:
+        results["cka_pairs"] = part_pairs(args)
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -83,13 +83,20 @@ def _section(artifact: Artifact, prompts: pd.DataFrame | None) -> str:
             f"<details><summary>Parameters</summary><pre>{params}</pre></details></section>")
 
 
-def build_report(run_path: str | os.PathLike) -> str:
-    """The report page of the run at `run_path` as one HTML string."""
-    import plotly.offline
+def run_sections(run_path: str | os.PathLike, heading: str = "Run", anchor: str | None = None,
+                 artifact_ids: list[str] | None = None) -> str:
+    """A run's overview section (manifest, layers, table of contents) followed by one section per artifact.
 
+    The body of `build_report`, and of the experiment report once per run (`heading`, `anchor` tell
+    the runs apart there; `artifact_ids` keeps the experiment's own artifacts, default all).
+    """
     run = open_run(run_path)
     manifest = run.manifest
     artifacts = sorted(list_artifacts(run.path), key=lambda a: (a.analysis, created(a)))
+    others = 0
+    if artifact_ids is not None:
+        kept = [a for a in artifacts if a.id in set(artifact_ids)]
+        others, artifacts = len(artifacts) - len(kept), kept
     try:
         prompts = run.prompts
     except Exception:  # a run without readable prompts still gets its figures, without hover text
@@ -104,13 +111,28 @@ def build_report(run_path: str | os.PathLike) -> str:
     body = "".join(_section(a, prompts) for a in artifacts) or (
         '<section><p>This run has no analyses yet: run <code>neuronmap analyze RUN stats</code> (and pca, cka, ...) '
         "then build the report again.</p></section>")
-    title = f"NeuronMap report · {html.escape(str(run.path.name))}"
+    where = f' id="{html.escape(anchor)}"' if anchor else ""
+    more = (f"<p><small>{others} other artifact{'s' if others != 1 else ''} of this run not shown: "
+            "<code>neuronmap report RUN</code> shows every one</small></p>") if others else ""
+    return (f"<section{where}><h2>{html.escape(heading)}</h2>{_table(overview)}<h3>Layers</h3>{_table(layers)}"
+            f"<h3>Analyses ({len(artifacts)})</h3><nav><ul>{toc}</ul></nav>{more}</section>{body}")
+
+
+def page(title: str, subtitle: str, body: str) -> str:
+    """A standalone HTML page: the report style, plotly.js inlined once, `body` inside <main>."""
+    import plotly.offline
+
+    title = html.escape(title)
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style>"
             f"<script type=\"text/javascript\">{plotly.offline.get_plotlyjs()}</script></head><body>"
-            f"<header><h1>{title}</h1><small>{html.escape(str(run.path))}</small></header><main>"
-            f"<section><h2>Run</h2>{_table(overview)}<h3>Layers</h3>{_table(layers)}"
-            f"<h3>Analyses ({len(artifacts)})</h3><nav><ul>{toc}</ul></nav></section>{body}</main></body></html>")
+            f"<header><h1>{title}</h1><small>{html.escape(subtitle)}</small></header><main>{body}</main></body></html>")
+
+
+def build_report(run_path: str | os.PathLike) -> str:
+    """The report page of the run at `run_path` as one HTML string."""
+    run = open_run(run_path)
+    return page(f"NeuronMap report · {run.path.name}", str(run.path), run_sections(run))
 
 
 def write_report(run_path: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -29,6 +29,8 @@ app.add_typer(runs_app, name="runs")
 from .analysis.cli import register as register_analyze; register_analyze(app)  # noqa: E402,E702
 from .questions.cli import register as register_generate; register_generate(app)  # noqa: E402,E702
 from .interventions.cli import register as register_patch; register_patch(app)  # noqa: E402,E702
+from .experiments.cli import register as register_run; register_run(app)  # noqa: E402,E702
+from .attribution.cli import register as register_attribute; register_attribute(app)  # noqa: E402,E702
 
 console = Console()
 err_console = Console(stderr=True)
@@ -68,7 +70,7 @@ def extract(
     model_dtype: str = typer.Option("auto", help="Compute dtype: auto | float32 | float16 | bfloat16."),
     compression: Optional[str] = typer.Option(None, help="HDF5: gzip | lzf; Parquet: zstd | snappy."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the prompt text (csv/jsonl/parquet)."),
-    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~256 MB per shard)."),
+    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~128 MB per shard)."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete run at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -110,6 +110,51 @@ class LinearCKAState:
         return self
 
 
+# -- shared self-moments ------------------------------------------------------------------------------
+def self_moment_summary(X: Source, *, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple:
+    """Summary of the centred (X, X) co-moments: one layer's whole share of linear CKA with any partner.
+
+    With :func:`cross_moment_summary` and :func:`cka_from_moment_summaries`, a layer x layer
+    comparison reads and multiplies out each layer's own moments once, not once per pair.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features) or batch factory
+    batch_size : int, default=4096
+
+    Returns
+    -------
+    tuple
+        (n, ||X_c^T X_c||_F^2, sum_i |x_ci|^4, sum_i |x_ci|^2 (twice), constant, constant): small.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    moments = _Moments()
+    for (x,) in _aligned_batches([X], ["X"], batch_size, "CKA"):
+        moments.add(x, x)
+    if moments.n < 2:
+        raise ConfigError(f"CKA needs at least 2 samples; X has {moments.n}")
+    return moments.summary()
+
+
+def cross_moment_summary(X: Source, Y: Source, *, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple:
+    """Summary of the centred (X, Y) co-moments of the same samples (see :func:`self_moment_summary`)."""
+    batch_size = _check_int("batch_size", batch_size, 1)
+    moments = _Moments()
+    for x, y in _aligned_batches([X, Y], ["X", "Y"], batch_size, "CKA"):
+        moments.add(x, y)
+    if moments.n < 2:
+        raise ConfigError(f"CKA needs at least 2 samples; X and Y have {moments.n}")
+    return moments.summary()
+
+
+def cka_from_moment_summaries(sxx: tuple, syy: tuple, sxy: tuple, *, debiased: bool = False) -> float:
+    """Linear CKA from the self summaries of X and Y and their cross summary (same rows in all three)."""
+    if not sxx[0] == syy[0] == sxy[0]:
+        raise ConfigError(f"the moment summaries cover different numbers of samples ({sxx[0]}, {syy[0]}, {sxy[0]}): "
+                          "CKA compares the same samples in both")
+    return _cka_from_summaries(sxx, syy, sxy, debiased)
+
+
 # -- CKA on arrays / factories ---------------------------------------------------------------------
 def linear_cka(X: Source, Y: Source, *, debiased: bool = False,
                batch_size: int = DEFAULT_BATCH_SIZE) -> float:

@@ -1,7 +1,9 @@
 """How many dimensions a layer's activations really use.
 
-- PCA: exact (`fit_pca`, scikit-learn's PCA on an in-memory array) or streaming (`streaming_pca`,
-  scikit-learn's IncrementalPCA fed batch by batch, memory O(batch_size x n_features)).
+- PCA: exact (`fit_pca`, scikit-learn's PCA on an in-memory array) or streaming (`streaming_pca`):
+  `CovariancePCA`, the float64 covariance accumulated block by block with BLAS and eigendecomposed
+  once (exact, memory O(n_features^2), for layers up to a few thousand features), else scikit-learn's
+  IncrementalPCA fed batch by batch (approximate, memory O(batch_size x n_features)).
 - Spectrum summaries (`spectrum_summary`): effective dimensionality at a variance threshold (the
   fewest components whose explained variance ratio sums to >= the threshold) and the participation
   ratio (sum lambda)^2 / sum lambda^2 of the eigenvalues.
@@ -14,12 +16,13 @@ Inputs are arrays of shape (n_samples, n_features); nothing here reads files.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import validate_data
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import ConfigError
 
@@ -77,17 +80,162 @@ def rebatch(batches: Iterable[np.ndarray], min_rows: int) -> Iterator[np.ndarray
         yield np.concatenate([held, tail])
 
 
-def streaming_pca(batches: Iterable[np.ndarray], n_components: int):
-    """IncrementalPCA fitted over a stream of (rows, n_features) batches; returns the estimator.
+# Largest covariance matrix (8 d^2 bytes) `streaming_pca` accumulates: d <= 5792 features at 256 MiB.
+# Wider layers stream through scikit-learn's IncrementalPCA instead.
+COVARIANCE_PCA_MAX_BYTES = 256 * 2**20
+# Rows per covariance update: large blocks keep the float64 matrix product at BLAS speed.
+_COVARIANCE_BLOCK_ROWS = 4096
 
-    Memory stays O((batch rows + n_components) x n_features). The result approaches exact PCA; the
-    explained variance ratios are relative to the exact total variance of all rows.
+
+class CovariancePCA(TransformerMixin, BaseEstimator):
+    """Exact PCA streamed over batches: the float64 scatter matrix X_c^T X_c, then one eigendecomposition.
+
+    Each `partial_fit` centres its block on the block's own mean and adds the block's scatter matrix
+    (one BLAS matrix product, the whole cost) with the pairwise update of Chan et al., so the result
+    equals exact PCA of all rows (scikit-learn's `PCA`, to float rounding) in one pass, in
+    O(n_features^2) memory, and partial fits on different rows `merge`. Unlike IncrementalPCA it is
+    exact, and costs n d^2 for the data plus one d^3 eigendecomposition, instead of an SVD per batch.
+    Suited to moderate d (the d x d matrix must fit; see COVARIANCE_PCA_MAX_BYTES).
+
+    Parameters
+    ----------
+    n_components : int, optional
+        Components kept; None keeps min(n_samples, n_features).
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        Principal axes, signs as scikit-learn's PCA (largest |entry| of each axis positive).
+    explained_variance_ : ndarray of shape (n_components,)
+        Eigenvalues of the covariance matrix (ddof=1), descending.
+    explained_variance_ratio_ : ndarray of shape (n_components,)
+    singular_values_ : ndarray of shape (n_components,)
+    mean_ : ndarray of shape (n_features,)
+    noise_variance_ : float
+        Mean of the eigenvalues left out (0 when none are).
+    n_samples_seen_ : int
+    n_components_ : int
+
+    The spectrum attributes are computed on first access after the last `partial_fit` or `merge`.
     """
+
+    def __init__(self, n_components: int | None = None):
+        self.n_components = n_components
+
+    def fit(self, X, y=None):
+        """Fit on one array X of shape (n_samples, n_features), block by block; returns self."""
+        for name in ("n_samples_seen_", "mean_", "n_features_in_", "_scatter", "_spectrum"):
+            self.__dict__.pop(name, None)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        for start in range(0, len(X), _COVARIANCE_BLOCK_ROWS):
+            self._add(X[start:start + _COVARIANCE_BLOCK_ROWS])
+        self._solve()
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Add the rows of X, shape (n_rows, n_features); returns self."""
+        first = not hasattr(self, "n_samples_seen_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=first)
+        self._add(X)
+        return self
+
+    def _add(self, X: np.ndarray) -> None:
+        block = X.astype(np.float64)  # a copy: centred in place
+        mean = block.mean(axis=0)
+        block -= mean
+        self._merge(len(block), mean, block.T @ block)
+
+    def merge(self, other: "CovariancePCA") -> "CovariancePCA":
+        """Fold in a fit on other rows; returns self."""
+        if getattr(other, "n_samples_seen_", 0):
+            self._merge(other.n_samples_seen_, other.mean_, other._scatter.copy())
+        return self
+
+    def _merge(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> None:
+        seen = getattr(self, "n_samples_seen_", 0)
+        if seen and scatter.shape != self._scatter.shape:
+            raise ConfigError(f"X has {scatter.shape[0]} features but the PCA was fitted on {self._scatter.shape[0]}")
+        if not seen:
+            self.n_samples_seen_, self.mean_, self._scatter = int(n), mean, scatter
+        else:
+            total = seen + n
+            delta = mean - self.mean_
+            scatter += self._scatter
+            scatter += np.outer(delta, delta * (seen * n / total))
+            self._scatter = scatter
+            self.mean_ = self.mean_ + delta * (n / total)
+            self.n_samples_seen_ = int(total)
+        self._spectrum = None
+
+    def _solve(self) -> dict:
+        if getattr(self, "n_samples_seen_", 0) < 2:
+            raise ConfigError(f"PCA needs at least 2 samples, got n_samples={getattr(self, 'n_samples_seen_', 0)}")
+        if self._spectrum is not None:
+            return self._spectrum
+        from scipy.linalg import eigh
+
+        n, d = self.n_samples_seen_, self._scatter.shape[0]
+        k = check_n_components(self.n_components, n, d)
+        covariance = self._scatter / (n - 1)
+        total = float(np.trace(covariance))
+        values, vectors = eigh(covariance, subset_by_index=[d - k, d - 1], check_finite=False)
+        values, vectors = np.clip(values[::-1], 0.0, None), vectors[:, ::-1].T
+        pivots = np.argmax(np.abs(vectors), axis=1)
+        vectors *= np.sign(vectors[np.arange(k), pivots])[:, None]
+        rest = min(n, d) - k
+        self._spectrum = {
+            "components_": vectors, "explained_variance_": values,
+            "explained_variance_ratio_": values / total if total > 0 else np.zeros_like(values),
+            "singular_values_": np.sqrt(values * (n - 1)), "n_components_": k,
+            "noise_variance_": max((total - float(values.sum())) / rest, 0.0) if rest > 0 else 0.0}
+        return self._spectrum
+
+    components_ = property(lambda self: self._solve()["components_"])
+    explained_variance_ = property(lambda self: self._solve()["explained_variance_"])
+    explained_variance_ratio_ = property(lambda self: self._solve()["explained_variance_ratio_"])
+    singular_values_ = property(lambda self: self._solve()["singular_values_"])
+    noise_variance_ = property(lambda self: self._solve()["noise_variance_"])
+    n_components_ = property(lambda self: self._solve()["n_components_"])
+
+    def transform(self, X) -> np.ndarray:
+        """Principal coordinates of X, shape (n_samples, n_components)."""
+        check_is_fitted(self, "n_samples_seen_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return (X - self.mean_) @ self.components_.T
+
+
+def covariance_pca_fits(n_features: int) -> bool:
+    """Whether a d x d float64 covariance matrix of `n_features` fits COVARIANCE_PCA_MAX_BYTES."""
+    return 8 * int(n_features) ** 2 <= COVARIANCE_PCA_MAX_BYTES
+
+
+def streaming_pca(batches: Iterable[np.ndarray], n_components: int, solver: str = "auto"):
+    """PCA fitted over a stream of (rows, n_features) batches, in one pass; returns the estimator.
+
+    solver : {"auto", "covariance", "incremental"}
+        "covariance": `CovariancePCA`, exact (equals scikit-learn's PCA), memory O(n_features^2);
+        "incremental": scikit-learn's IncrementalPCA, approximate, memory O((batch rows +
+        n_components) x n_features); "auto": covariance while the d x d matrix fits
+        COVARIANCE_PCA_MAX_BYTES, else incremental.
+    """
+    if solver not in ("auto", "covariance", "incremental"):
+        raise ConfigError(f"solver={solver!r} must be one of auto, covariance, incremental")
+    stream = iter(batches)
+    first = next(stream, None)
+    if first is None:
+        raise ConfigError("streaming PCA got no rows; the layer has no committed rows")
+    width = int(np.prod(np.shape(first)[1:]))
+    if solver == "covariance" or (solver == "auto" and covariance_pca_fits(width)):
+        model = CovariancePCA(n_components=int(n_components))
+        for batch in rebatch(itertools.chain([first], stream), _COVARIANCE_BLOCK_ROWS):
+            model.partial_fit(batch)
+        model._solve()  # n_components is checked here, against the rows seen
+        return model
     from sklearn.decomposition import IncrementalPCA
 
     model = IncrementalPCA(n_components=int(n_components))
     seen = 0
-    for batch in rebatch(batches, int(n_components)):
+    for batch in rebatch(itertools.chain([first], stream), int(n_components)):
         model.partial_fit(np.asarray(batch, dtype=np.float64))
         seen += len(batch)
     if seen == 0:

@@ -5,8 +5,10 @@ parameters, selects layers, builds one input per unit of the analysis' scope ove
 reuses ``RUN/analyses/<id>/`` when it exists, otherwise computes every unit through an engine and
 writes the artifact atomically.
 
-Engines map a picklable function over picklable tasks (`Engine.map(fn, items) -> list`). ``"local"``
-runs them in this process; any other name is looked up in the entry-point group
+Engines map a picklable function over picklable tasks (`Engine.map(fn, items) -> list`; an engine may
+also offer `Engine.imap(fn, items) -> iterator`, the same results in order as they become ready, which
+the runner prefers so that per-shard partials are folded as they arrive). ``"local"`` runs them in
+this process; any other name is looked up in the entry-point group
 ``neuronmap.analysis_engines`` (the entry point is a zero-argument factory returning an engine):
 ``ray`` comes from ``actors.analysis:RayEngine`` and runs one Ray task per layer, layer pair or shard.
 The tasks are the same functions either way, so engines give the same numbers.
@@ -21,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import pandas as pd
 
@@ -36,7 +38,11 @@ ENGINE_GROUP = "neuronmap.analysis_engines"
 
 
 class Engine(Protocol):
-    """Runs ``fn`` over ``items`` (both picklable), returning the results in order."""
+    """Runs ``fn`` over ``items`` (both picklable), returning the results in order.
+
+    An engine may also define ``imap(fn, items) -> Iterator``: the same results, in order, yielded as
+    they are ready, holding only a bounded number of finished results (see `_imap`).
+    """
 
     name: str
 
@@ -50,6 +56,16 @@ class LocalEngine:
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         return [fn(item) for item in items]
+
+    def imap(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+        """Lazily: a task runs only when its result is asked for, so one result is alive at a time."""
+        return (fn(item) for item in items)
+
+
+def _imap(engine: Engine, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+    """`engine.imap` when the engine has one, else its `map` (all results held at once)."""
+    imap = getattr(engine, "imap", None)
+    return iter(imap(fn, items)) if imap is not None else iter(engine.map(fn, items))
 
 
 def group_entry_points(group: str) -> dict[str, metadata.EntryPoint]:
@@ -86,16 +102,61 @@ def get_engine(engine: str | Engine) -> Engine:
 
 
 # ---------------------------------------------------------------------------------------------
+# per-layer work shared by the pairs of a "layer_pair" analysis
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairSharing:
+    """How a "layer_pair" analysis does each layer's own work once for all the pairs it is in.
+
+    Attach it with `@share_layer_work(...)` under `@register(...)`. The runner then runs, as one
+    batch of engine tasks, ``layer_map(layer_input, params)`` once per distinct layer (run, layer and
+    rows) and ``pair_map(pair_input, params)`` once per pair, and on the driver
+    ``pair_reduce(pair_input, [first_state, second_state, pair_state], params) -> AnalysisResult``.
+    For L layers, all pairs cost L layer tasks and L (L - 1) / 2 pair tasks, instead of every pair
+    redoing both of its layers' own work. (Linear CKA: each layer's self-moments once.)
+
+    resolve : callable(pair_input, params) -> PairInput
+        The two layer inputs the pair really compares (e.g. a layer of another run); run on the driver.
+    enabled : callable(params) -> bool
+        Whether to share for these parameters; otherwise the analysis function runs once per pair.
+    """
+
+    layer_map: Callable[[LayerInput, Any], Any]
+    pair_map: Callable[[PairInput, Any], Any]
+    pair_reduce: Callable[[PairInput, Iterable, Any], AnalysisResult]
+    resolve: Callable[[PairInput, Any], PairInput] = lambda data, params: data
+    enabled: Callable[[Any], bool] = lambda params: True
+
+
+def share_layer_work(**fields: Any) -> Callable[[Callable], Callable]:
+    """Decorator attaching a `PairSharing` (built from `fields`) to a "layer_pair" analysis function."""
+    sharing = PairSharing(**fields)
+
+    def decorate(fn: Callable) -> Callable:
+        fn.pair_sharing = sharing
+        return fn
+
+    return decorate
+
+
+def _layer_key(item: LayerInput) -> tuple:
+    return str(Path(item.run_path).resolve()), item.layer, tuple(item.ranges)
+
+
+# ---------------------------------------------------------------------------------------------
 # tasks (module-level functions so that any engine can ship them to another process)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Task:
-    """One call of `fn(data, params)` (or `fn(data, states, params)` when `states` is set)."""
+    """One call of `fn(data, params)` (or `fn(data, states, params)` when `states` is set).
+
+    `states` may be a one-shot iterator (the runner's shard reduce gets partials as they arrive).
+    """
 
     fn: Callable
     data: Any
     params: Any
-    states: list | None = None
+    states: Iterable | None = None
 
 
 def _warning_text(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -302,6 +363,9 @@ def _compute(spec: AnalysisSpec, params: Any, units: dict[str, Any], engine: Eng
     def note(unit: str, caught: list[str]) -> None:
         messages.extend(text if unit in text or unit == "run" else f"{unit}: {text}" for text in caught)
 
+    sharing = getattr(spec.func, "pair_sharing", None) if spec.scope == "layer_pair" else None
+    if sharing is not None and sharing.enabled(params):
+        return _compute_shared(sharing, params, units, engine, note), messages
     if spec.shard_map is None:
         outcomes = engine.map(run_task, [Task(spec.func, data, params) for data in units.values()])
         for unit, (_, caught) in zip(units, outcomes):
@@ -309,18 +373,59 @@ def _compute(spec: AnalysisSpec, params: Any, units: dict[str, Any], engine: Eng
         return [value for value, _ in outcomes], messages
     shards = {name: data.shard_inputs() for name, data in units.items()}
     flat = [Task(spec.shard_map, part, params) for parts in shards.values() for part in parts]
-    outcomes = iter(engine.map(run_task, flat))
+    outcomes = _imap(engine, run_task, flat)
+    try:
+        return _reduce_units(spec, params, units, shards, outcomes, note), messages
+    finally:
+        close = getattr(outcomes, "close", None)
+        if close is not None:  # an engine's iterator holding tasks in flight cancels them
+            close()
+
+
+def _reduce_units(spec: AnalysisSpec, params: Any, units: dict[str, Any], shards: dict[str, list],
+                  outcomes: Iterator, note: Callable[[str, list[str]], None]) -> list:
+    """shard_reduce per unit, fed its partials one at a time as `outcomes` delivers them."""
     results = []
     for name, data in units.items():
-        states = []
-        for _ in shards[name]:
-            state, caught = next(outcomes)
-            states.append(state)
-            note(name, caught)
+        def arriving(name: str = name, count: int = len(shards[name])) -> Iterator[Any]:
+            # the unit's partials, one at a time as the engine delivers them, in row order
+            for _ in range(count):
+                state, caught = next(outcomes)
+                note(name, caught)
+                yield state
+
+        states = arriving()
         value, caught = run_task(Task(spec.shard_reduce, data, params, states))
+        for _ in states:  # a reduce that stopped early must not shift the next unit's partials
+            pass
         note(name, caught)
         results.append(value)
-    return results, messages
+    return results
+
+
+def _compute_shared(sharing: PairSharing, params: Any, units: dict[str, Any], engine: Engine,
+                    note: Callable[[str, list[str]], None]) -> list:
+    """Layer tasks once per distinct layer, pair tasks once per pair (one engine batch), reduce per pair."""
+    pairs = {name: sharing.resolve(data, params) for name, data in units.items()}
+    layers: dict[tuple, LayerInput] = {}
+    for pair in pairs.values():
+        for item in (pair.first, pair.second):
+            layers.setdefault(_layer_key(item), item)
+    tasks = [Task(sharing.layer_map, item, params) for item in layers.values()]
+    tasks += [Task(sharing.pair_map, pair, params) for pair in pairs.values()]
+    outcomes = engine.map(run_task, tasks)
+    layer_states = {}
+    for (key, item), (state, caught) in zip(layers.items(), outcomes):
+        note(item.layer, caught)
+        layer_states[key] = state
+    results = []
+    for (name, pair), (state, caught) in zip(pairs.items(), outcomes[len(layers):]):
+        note(name, caught)
+        states = [layer_states[_layer_key(pair.first)], layer_states[_layer_key(pair.second)], state]
+        value, caught = run_task(Task(sharing.pair_reduce, pair, params, states))
+        note(name, caught)
+        results.append(value)
+    return results
 
 
 def _store(run: Run, spec: AnalysisSpec, params: Any, units: dict[str, Any], results: list[AnalysisResult],

@@ -6,10 +6,13 @@ values. `add(batch)` folds in a batch, `merge(other)` folds in another partial, 
 shard by shard (on Ray workers, say) and merged equal the single-pass answer to float rounding.
 `state_dict()` / `load_state_dict()` carry a partial across processes (the baukit `runningstats` habit).
 
-`Reservoir` keeps a uniform random sample of rows, also mergeable; percentiles are read from it.
+`Reservoir` (in :mod:`neuronmap.analysis.reservoir`, re-exported here) keeps a uniform random sample
+of rows, also mergeable; percentiles are read from it.
 While the layer has no more rows than the reservoir holds, the reservoir *is* the data and the
 percentiles are exact; above that they are those of a uniform sample of `size` rows: the rank error of
 a percentile is about sqrt(p (1 - p) / size), 0.55 percentage points at the median for size=8192.
+The sample is bottom-k (the rows with the smallest random keys), so merging is exact and
+order-free, and a batch only copies the few rows that enter the sample.
 
 The normality test is D'Agostino-Pearson's K² (what `scipy.stats.normaltest` computes) evaluated from
 the streamed moments, so it covers every row, not a sample. With many rows it rejects normality for
@@ -28,16 +31,84 @@ import numpy as np
 from scipy import special
 
 from ..errors import ConfigError
+from .reservoir import Reservoir, _as_2d
+
+__all__ = ["Reservoir", "RunningStats", "neuron_rankings", "neuron_statistics"]
 
 _MOMENTS = ("mean", "m2", "m3", "m4", "minimum", "maximum", "abs_sum", "n_small", "n_zero")
 
 
-def _as_2d(batch: Any) -> np.ndarray:
-    """(n_rows, n_features) view of a batch; rows are axis 0, the rest is flattened."""
-    array = np.asarray(batch)
-    if array.ndim == 1:
-        return array.reshape(-1, 1)
-    return array.reshape(array.shape[0], int(np.prod(array.shape[1:])))
+# Values per chunk of `RunningStats.add` (float64): 128K values = 1 MiB, so the two work arrays stay in cache.
+_CHUNK_ELEMENTS = 1 << 17
+
+
+def _batch_moments(x: np.ndarray, eps: float) -> dict[str, Any]:
+    """`_MOMENTS` of one batch (rows, d), chunk by chunk over cache-sized float64 copies.
+
+    Power sums of y = x - shift are accumulated over the chunks, with the shift the mean of the
+    batch's first chunk, then turned into central moment sums once for the whole batch. Near the
+    data's own mean the shifted sums lose no precision to cancellation (the shift is off by about
+    std / sqrt(chunk rows)); the batch is then folded in with the exact pairwise update.
+    """
+    n, d = x.shape
+    rows = int(min(max(_CHUNK_ELEMENTS // max(d, 1), 8), n))
+    work = np.empty((rows, d), dtype=np.float64)
+    square = np.empty((rows, d), dtype=np.float64)
+    sums = np.zeros((4, d), dtype=np.float64)
+    abs_sum = np.zeros(d, dtype=np.float64)
+    n_small = np.zeros(d, dtype=np.int64)
+    n_zero = np.zeros(d, dtype=np.int64)
+    minimum = maximum = shift = None
+    for start in range(0, n, rows):
+        chunk = x[start:start + rows]
+        r = len(chunk)
+        w, sq = work[:r], square[:r]
+        np.copyto(w, chunk, casting="unsafe")
+        low, high = np.minimum.reduce(chunk, axis=0), np.maximum.reduce(chunk, axis=0)
+        minimum = low if minimum is None else np.minimum(minimum, low)
+        maximum = high if maximum is None else np.maximum(maximum, high)
+        np.abs(w, out=sq)
+        abs_sum += np.add.reduce(sq, axis=0)
+        if eps > 0:
+            small = sq < eps
+            if small.any():  # rare in dense activations: counted only when present (exact zeros are small)
+                n_small += np.count_nonzero(small, axis=0)
+                n_zero += np.count_nonzero(w == 0, axis=0)
+        else:
+            n_zero += np.count_nonzero(w == 0, axis=0)
+        if shift is None:
+            shift = np.add.reduce(w, axis=0) / r
+        w -= shift
+        np.multiply(w, w, out=sq)
+        sums[0] += np.add.reduce(w, axis=0)
+        sums[1] += np.add.reduce(sq, axis=0)
+        sums[2] += np.einsum("ij,ij->j", sq, w)
+        sums[3] += np.einsum("ij,ij->j", sq, sq)
+    mu = sums[0] / n
+    mu2 = mu * mu
+    m2 = sums[1] - n * mu2
+    m3 = sums[2] - 3.0 * mu * sums[1] + 2.0 * n * mu2 * mu
+    m4 = sums[3] - 4.0 * mu * sums[2] + 6.0 * mu2 * sums[1] - 3.0 * n * mu2 * mu2
+    return {"count": n, "n_features": d, "mean": shift + mu, "m2": np.maximum(m2, 0.0), "m3": m3,
+            "m4": np.maximum(m4, 0.0), "minimum": minimum.astype(np.float64), "maximum": maximum.astype(np.float64),
+            "abs_sum": abs_sum, "n_small": n_small, "n_zero": n_zero}
+
+
+def _combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The `_MOMENTS` of the union of two disjoint partials (Chan et al. 1979, Pébay 2008)."""
+    na, nb = float(a["count"]), float(b["count"])
+    n = na + nb
+    delta = b["mean"] - a["mean"]
+    d_n = delta / n
+    m2a, m2b, m3a, m3b = a["m2"], b["m2"], a["m3"], b["m3"]
+    m2 = m2a + m2b + delta * d_n * na * nb
+    m3 = m3a + m3b + delta * d_n * d_n * na * nb * (na - nb) + 3.0 * d_n * (na * m2b - nb * m2a)
+    m4 = (a["m4"] + b["m4"] + delta * d_n ** 3 * na * nb * (na * na - na * nb + nb * nb)
+          + 6.0 * d_n * d_n * (na * na * m2b + nb * nb * m2a) + 4.0 * d_n * (na * m3b - nb * m3a))
+    return {"mean": a["mean"] + d_n * nb, "m2": m2, "m3": m3, "m4": m4,
+            "minimum": np.minimum(a["minimum"], b["minimum"]), "maximum": np.maximum(a["maximum"], b["maximum"]),
+            "abs_sum": a["abs_sum"] + b["abs_sum"], "n_small": a["n_small"] + b["n_small"],
+            "n_zero": a["n_zero"] + b["n_zero"]}
 
 
 class RunningStats:
@@ -67,27 +138,33 @@ class RunningStats:
 
     # -- accumulation ----------------------------------------------------------------------------
     def add(self, batch: Any) -> "RunningStats":
-        """Fold in a batch of shape (n_rows, n_features) (or (n_rows, *shape), flattened)."""
+        """Fold in a batch of shape (n_rows, n_features) (or (n_rows, *shape), flattened).
+
+        Vectorised and cache-sized (`_batch_moments`): the batch is cast to float64 a chunk of about
+        1 MiB at a time, and every statistic of the chunk is a whole-array numpy reduction over data
+        still in the CPU cache (about ten cheap passes, instead of ten passes over a 25 MB float64
+        copy of the batch in memory). The batch's moments then join the running ones with the
+        pairwise update of `merge`.
+        """
         x = _as_2d(batch)
         if x.shape[0] == 0:
             return self
-        other = RunningStats(self.eps)
-        x64 = x.astype(np.float64, copy=False)
-        other.count = x.shape[0]
-        other.n_features = x.shape[1]
-        other.mean = x64.mean(axis=0)
-        centred = x64 - other.mean
-        squared = centred * centred
-        other.m2 = squared.sum(axis=0)
-        other.m3 = (squared * centred).sum(axis=0)
-        other.m4 = (squared * squared).sum(axis=0)
-        other.minimum = x64.min(axis=0)
-        other.maximum = x64.max(axis=0)
-        magnitude = np.abs(x64)
-        other.abs_sum = magnitude.sum(axis=0)
-        other.n_small = (magnitude < self.eps).sum(axis=0).astype(np.int64)
-        other.n_zero = (x64 == 0).sum(axis=0).astype(np.int64)
-        return self.merge(other)
+        if self.n_features is not None and x.shape[1] != self.n_features:
+            raise ConfigError(f"cannot add a batch of {x.shape[1]} features to statistics of {self.n_features}")
+        self._merge_arrays(_batch_moments(x, self.eps))
+        return self
+
+    def _merge_arrays(self, part: dict[str, Any]) -> None:
+        """Fold in a partial given as a dict of `count`, `n_features` and the `_MOMENTS` arrays."""
+        if self.count == 0:
+            self.count, self.n_features = int(part["count"]), int(part["n_features"])
+            for name in _MOMENTS:
+                setattr(self, name, part[name])
+            return
+        merged = _combine(self.__dict__, part)
+        for name in _MOMENTS:
+            setattr(self, name, merged[name])
+        self.count += int(part["count"])
 
     def merge(self, other: "RunningStats") -> "RunningStats":
         """Fold in another partial (pairwise update of Chan et al. 1979, Pébay 2008); returns self."""
@@ -100,24 +177,7 @@ class RunningStats:
             return self
         if other.n_features != self.n_features:
             raise ConfigError(f"cannot merge {other.n_features} features into {self.n_features}")
-        na, nb = float(self.count), float(other.count)
-        n = na + nb
-        delta = other.mean - self.mean
-        d_n = delta / n
-        m2 = self.m2 + other.m2 + delta * d_n * na * nb
-        m3 = (self.m3 + other.m3 + delta * d_n * d_n * na * nb * (na - nb)
-              + 3.0 * d_n * (na * other.m2 - nb * self.m2))
-        m4 = (self.m4 + other.m4 + delta * d_n ** 3 * na * nb * (na * na - na * nb + nb * nb)
-              + 6.0 * d_n * d_n * (na * na * other.m2 + nb * nb * self.m2)
-              + 4.0 * d_n * (na * other.m3 - nb * self.m3))
-        self.mean = self.mean + d_n * nb
-        self.m2, self.m3, self.m4 = m2, m3, m4
-        self.minimum = np.minimum(self.minimum, other.minimum)
-        self.maximum = np.maximum(self.maximum, other.maximum)
-        self.abs_sum = self.abs_sum + other.abs_sum
-        self.n_small = self.n_small + other.n_small
-        self.n_zero = self.n_zero + other.n_zero
-        self.count += other.count
+        self._merge_arrays(other.__dict__)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -244,84 +304,6 @@ def _kurtosis_z(b2: np.ndarray, n: float) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         term2 = np.sign(denom) * np.where(denom == 0.0, np.nan, ((1 - 2.0 / a) / np.abs(denom)) ** (1 / 3))
     return (term1 - term2) / np.sqrt(2 / (9.0 * a))
-
-
-class Reservoir:
-    """Mergeable uniform random sample of at most `size` rows (for percentiles of huge layers).
-
-    `add(batch)` and `merge(other)` keep the sample uniform over every row seen: merging two
-    reservoirs draws how many rows come from each with the hypergeometric law, then a uniform subset
-    of each. While no more than `size` rows were seen, the reservoir holds all of them.
-
-    Parameters
-    ----------
-    size : int, default=8192
-        Rows kept.
-    seed : int, default=0
-        Seed of the sampling (results are reproducible for the same batches in the same order).
-    """
-
-    def __init__(self, size: int = 8192, seed: int = 0):
-        if isinstance(size, bool) or int(size) < 1:
-            raise ConfigError(f"size={size!r} must be an integer >= 1")
-        self.size = int(size)
-        self.seed = int(seed)
-        self.rng = np.random.default_rng(seed)
-        self.count = 0
-        self.rows: np.ndarray | None = None
-
-    @property
-    def exact(self) -> bool:
-        """True while the reservoir holds every row seen."""
-        return self.count <= self.size
-
-    def add(self, batch: Any) -> "Reservoir":
-        x = _as_2d(batch)
-        if len(x) == 0:
-            return self
-        part = Reservoir(self.size, self.seed)
-        part.count = len(x)
-        keep = x if len(x) <= self.size else x[np.sort(self.rng.choice(len(x), self.size, replace=False))]
-        part.rows = np.array(keep, copy=True)
-        return self.merge(part)
-
-    def merge(self, other: "Reservoir") -> "Reservoir":
-        if other.count == 0:
-            return self
-        if self.count == 0:
-            self.count, self.rows = other.count, np.array(other.rows, copy=True)
-            return self
-        total = self.count + other.count
-        if total <= self.size:
-            self.rows = np.concatenate([self.rows, other.rows])
-        else:
-            from_self = int(self.rng.hypergeometric(self.count, other.count, self.size))
-            mine = self.rows[np.sort(self.rng.choice(len(self.rows), from_self, replace=False))]
-            theirs = other.rows[np.sort(self.rng.choice(len(other.rows), self.size - from_self, replace=False))]
-            self.rows = np.concatenate([mine, theirs])
-        self.count = total
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "seed": self.seed, "count": self.count,
-                "rows": None if self.rows is None else np.array(self.rows, copy=True),
-                "rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> "Reservoir":
-        self.size, self.seed, self.count = int(state["size"]), int(state["seed"]), int(state["count"])
-        self.rows = None if state["rows"] is None else np.array(state["rows"], copy=True)
-        self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = state["rng"]
-        return self
-
-    def percentiles(self, q: Iterable[float]) -> np.ndarray:
-        """Percentiles (0-100) per feature: float64 array of shape (len(q), n_features)."""
-        q = np.asarray(list(q), dtype=np.float64)
-        if q.size == 0 or np.any((q < 0) | (q > 100)):
-            raise ConfigError(f"percentiles={q.tolist()} must be a non-empty list of numbers in [0, 100]")
-        if self.rows is None:
-            raise ConfigError("no rows were added to the reservoir; the layer has no committed rows")
-        return np.percentile(self.rows.astype(np.float64, copy=False), q, axis=0)
 
 
 def neuron_rankings(summary: dict[str, np.ndarray], top_k: int = 10) -> dict[str, np.ndarray]:

@@ -268,6 +268,10 @@ def figure_for_artifact(artifact: Any, unit: str | None = None, prompts: pd.Data
     if dims not in (2, 3):
         raise ValueError(f"dims={dims!r} must be 2 or 3")
     name = artifact.result["analysis"]
+    if artifact.result.get("family") == "interventions":  # the live-model methods draw their own figures
+        from .interventions import intervention_figure
+
+        return intervention_figure(artifact)
     builder = BUILDERS.get(name)
     if builder is None:
         return generic_figure(artifact)

@@ -68,3 +68,36 @@ def test_cli_with_the_ray_engine(ray_cluster, run, capsys):
     result = json.loads(out)
     assert result["engine"] == "ray" and set(result["units"]) == {"blocks.0", "blocks.1", "blocks.2"}
     assert result["units"]["blocks.2"]["metrics"]["n_constant"] == 6
+
+
+def test_imap_keeps_a_bounded_window_and_yields_in_order(ray_cluster):
+    import math
+
+    from actors.analysis import RayEngine
+    from neuronmap.analysis.statistics import Reservoir
+
+    engine = RayEngine()  # task functions must be importable by the workers: standard library and neuronmap
+    assert list(engine.imap(math.factorial, range(8), window=2)) == [math.factorial(i) for i in range(8)]
+    assert engine.map(math.factorial, list(range(5))) == [1, 1, 2, 6, 24]
+    results = engine.imap(Reservoir, [3, 2, 7, 0, 5, 6], window=2)
+    assert [next(results).size for _ in range(3)] == [3, 2, 7]
+    with pytest.raises(ConfigError, match="size=0 must be an integer >= 1"):  # user mistakes arrive typed, in order
+        next(results)
+
+
+def test_ray_stats_over_many_shards_fold_as_they_arrive_and_equal_local(ray_cluster, tmp_path):
+    x = np.random.default_rng(3).standard_normal((1200, 5)).astype(np.float32)
+    manifest = Manifest.new(model="synthetic", layers={"blocks.0": dict(shape=[5], dtype="float32")},
+                            pooling="mean", n_samples=1200)
+    writer = RunWriter(tmp_path / "many", manifest)
+    writer.write_prompts(pd.DataFrame({"text": [f"p{i}" for i in range(1200)]}))
+    for index, start in enumerate(range(0, 1200, 50)):  # 24 shards, more than the 4-CPU cluster's window
+        writer.write_shard("blocks.0", index, rows=(start, start + 50), samples=(start, start + 50),
+                           activations=x[start:start + 50], sample_ids=np.arange(start, start + 50))
+    writer.complete()
+    params = {"reservoir_size": 300}
+    local = analyze(tmp_path / "many", "stats", params=params)
+    remote = analyze(tmp_path / "many", "stats", params=params, engine="ray", force=True)
+    assert remote.result["units"] == local.result["units"]
+    for key, value in local.arrays.items():
+        np.testing.assert_array_equal(remote.arrays[key], value, err_msg=key)

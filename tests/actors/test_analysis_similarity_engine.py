@@ -60,13 +60,14 @@ def assert_same_units(local, remote):
             assert other == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key
 
 
-@pytest.mark.parametrize("name, params, n_tasks", [
-    ("cka", {}, 6),                                                   # 4 layers: 6 unordered pairs
-    ("cka", {"method": "minibatch", "minibatch_size": 16}, 6),
-    ("cka", {"other_run": "OTHER"}, 16),                              # against another run: 4 x 4 ordered pairs
-    ("evolution", {}, 3),                                             # consecutive pairs
+@pytest.mark.parametrize("name, params, n_units, n_tasks", [
+    ("cka", {}, 6, 4 + 6),                     # 4 layers: one self-moment task per layer + 6 unordered pairs
+    ("cka", {"method": "debiased"}, 6, 4 + 6),
+    ("cka", {"method": "minibatch", "minibatch_size": 16}, 6, 6),     # no shared layer work: one task per pair
+    ("cka", {"other_run": "OTHER"}, 16, 4 + 4 + 16),  # 4 layers of each run + 4 x 4 ordered pairs
+    ("evolution", {}, 3, 3),                                          # consecutive pairs
 ])
-def test_one_ray_task_per_layer_pair_and_the_local_numbers(ray_cluster, runs, name, params, n_tasks):
+def test_one_ray_task_per_layer_pair_and_the_local_numbers(ray_cluster, runs, name, params, n_units, n_tasks):
     run, other = runs
     params = {k: (str(other) if v == "OTHER" else v) for k, v in params.items()}
     engine = CountingRayEngine()
@@ -74,7 +75,7 @@ def test_one_ray_task_per_layer_pair_and_the_local_numbers(ray_cluster, runs, na
         warnings.simplefilter("ignore", UserWarning)
         local = analyze(run, name, layers="blocks.*", params=params)
         remote = analyze(run, name, layers="blocks.*", params=params, engine=engine, force=True)
-    assert engine.task_counts == [n_tasks] and len(local.units) == n_tasks
+    assert engine.task_counts == [n_tasks] and len(local.units) == n_units
     assert_same_units(local, remote)
 
 

@@ -6,9 +6,10 @@ from sklearn.decomposition import PCA
 
 from analysistest_util import embedded_subspace, write_synthetic_run
 from neuronmap.analysis import analyze
-from neuronmap.analysis.dimensionality import (LevinaBickelMLE, TwoNN, effective_dimensionality, fit_pca,
-                                               intrinsic_dimension, participation_ratio, rebatch, spectrum_summary,
-                                               streaming_pca, tsne_embedding)
+from neuronmap.analysis import dimensionality
+from neuronmap.analysis.dimensionality import (CovariancePCA, LevinaBickelMLE, TwoNN, effective_dimensionality,
+                                               fit_pca, intrinsic_dimension, participation_ratio, rebatch,
+                                               spectrum_summary, streaming_pca, tsne_embedding)
 from neuronmap.errors import ConfigError
 
 
@@ -41,6 +42,61 @@ def test_streaming_pca_is_close_to_exact():
     np.testing.assert_allclose(streamed.explained_variance_ratio_[:4], exact.explained_variance_ratio_[:4], rtol=1e-3)
     np.testing.assert_allclose(streamed.mean_, x.mean(axis=0), rtol=1e-10)
     assert_same_up_to_sign(streamed.components_[:4], exact.components_[:4], atol=1e-2)
+
+
+def full_rank(n=2500, d=24, seed=3):
+    """Distinct eigenvalues all the way down (so every component is defined up to sign), offset mean."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(10.0, 0.05, d)
+    return (rng.standard_normal((n, d)) * scales) @ np.linalg.qr(rng.standard_normal((d, d)))[0].T + 50.0
+
+
+@pytest.mark.parametrize("k", [None, 7])
+def test_covariance_pca_streamed_equals_sklearn_pca(k):
+    x = full_rank()
+    reference = PCA(n_components=k, svd_solver="full").fit(x)
+    rng = np.random.default_rng(0)
+    cuts = np.sort(rng.integers(0, len(x), 9))
+    streamed = streaming_pca(np.split(x, cuts), n_components=k or x.shape[1])  # uneven batches, some empty
+    assert isinstance(streamed, CovariancePCA) and streamed.n_samples_seen_ == len(x)
+    np.testing.assert_allclose(streamed.mean_, reference.mean_, rtol=1e-12)
+    np.testing.assert_allclose(streamed.explained_variance_, reference.explained_variance_, rtol=1e-9)
+    np.testing.assert_allclose(streamed.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-9)
+    np.testing.assert_allclose(streamed.singular_values_, reference.singular_values_, rtol=1e-9)
+    np.testing.assert_allclose(streamed.noise_variance_, reference.noise_variance_, rtol=1e-9, atol=1e-12)
+    assert_same_up_to_sign(streamed.components_, reference.components_, atol=1e-8)
+    projected, expected = streamed.transform(x[:50]), reference.transform(x[:50])
+    signs = np.sign(np.sum(projected * expected, axis=0))
+    np.testing.assert_allclose(projected * signs, expected, atol=1e-7)
+
+
+def test_covariance_pca_partial_fits_merge_into_the_single_fit():
+    x = full_rank(seed=4)
+    whole = CovariancePCA(n_components=5).fit(x)
+    left, right = CovariancePCA(n_components=5), CovariancePCA(n_components=5)
+    for part in np.array_split(x[:900], 4):
+        left.partial_fit(part)
+    right.partial_fit(x[900:])
+    merged = left.merge(right)
+    assert merged.n_samples_seen_ == len(x)
+    np.testing.assert_allclose(merged.explained_variance_, whole.explained_variance_, rtol=1e-10)
+    assert_same_up_to_sign(merged.components_, whole.components_, atol=1e-9)
+    with pytest.raises(ValueError, match="features"):
+        CovariancePCA().fit(x).partial_fit(x[:, :3])
+
+
+def test_streaming_pca_falls_back_to_incremental_pca_for_wide_layers(monkeypatch):
+    from sklearn.decomposition import IncrementalPCA
+
+    x = low_rank(n=3000, seed=1)
+    assert dimensionality.covariance_pca_fits(5792) and not dimensionality.covariance_pca_fits(5793)
+    monkeypatch.setattr(dimensionality, "COVARIANCE_PCA_MAX_BYTES", 8 * 23 ** 2)  # 24 features no longer fit
+    model = streaming_pca((x[i:i + 250] for i in range(0, len(x), 250)), n_components=6)
+    assert isinstance(model, IncrementalPCA)
+    forced = streaming_pca([x], n_components=6, solver="covariance")
+    assert isinstance(forced, CovariancePCA)
+    with pytest.raises(ConfigError, match="solver='svd' must be one of"):
+        streaming_pca([x], n_components=6, solver="svd")
 
 
 def test_rebatch_gives_every_batch_enough_rows():
@@ -111,7 +167,10 @@ def test_pca_analysis_exact_and_incremental_agree_on_a_run(tmp_path):
     np.testing.assert_allclose(streamed.array("explained_variance_ratio")[:4], reference.explained_variance_ratio_[:4], rtol=1e-3)
     metrics = exact.metrics()
     assert metrics["method"] == "exact" and metrics["effective_dim_95"] <= 4 and 1 < metrics["participation_ratio"] < 4
-    assert streamed.metrics()["method"] == "incremental"
+    assert streamed.metrics()["method"] == "incremental" and streamed.metrics()["solver"] == "covariance"
+    # the streamed covariance eigendecomposition is exact PCA of the stored (float32) values
+    np.testing.assert_allclose(streamed.array("explained_variance"), reference.explained_variance_[:8], rtol=1e-8)
+    assert_same_up_to_sign(streamed.array("components")[:8], reference.components_[:8], atol=1e-6)
     projection = exact.table("projection")
     assert list(projection.columns) == ["layer", "sample_id", "row", "pc1", "pc2"] and len(projection) == 600
     assert exact.array("components").shape == (20, 24)

@@ -10,8 +10,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from ...errors import ConfigError
-from ..dimensionality import (check_n_components, fit_pca, intrinsic_dimension, spectrum_summary, streaming_pca,
-                              tsne_embedding)
+from ..dimensionality import (CovariancePCA, check_n_components, fit_pca, intrinsic_dimension, spectrum_summary,
+                              streaming_pca, tsne_embedding)
 from ..inputs import LayerInput
 from ..registry import AnalysisResult, Params, register
 
@@ -20,8 +20,10 @@ from ..registry import AnalysisResult, Params, register
 class PCAParams(Params):
     n_components: Optional[int] = Field(None, ge=1, description="components; None: min(n_rows, n_features) (exact), "
                                         "min(n_rows, n_features, 256) (incremental)")
-    method: Literal["auto", "exact", "incremental"] = Field("auto", description="auto: exact up to exact_max_rows rows")
-    exact_max_rows: int = Field(20000, ge=2, description="above this many rows, auto streams IncrementalPCA")
+    method: Literal["auto", "exact", "incremental"] = Field(
+        "auto", description="auto: exact up to exact_max_rows rows; incremental: one streamed pass over the shards "
+        "(the float64 covariance matrix, eigendecomposed: exact, while it fits; IncrementalPCA for wider layers)")
+    exact_max_rows: int = Field(20000, ge=2, description="above this many rows, auto streams over the shards")
     keep_components: int = Field(20, ge=0, description="component vectors stored in the artifact")
     project: int = Field(2, ge=0, le=10, description="principal coordinates stored per row (0: none)")
     seed: int = Field(0, description="seed of the randomized solvers")
@@ -35,7 +37,7 @@ def _pca_method(data: LayerInput, params: PCAParams) -> str:
 
 def _pca_components(data: LayerInput, params: PCAParams) -> int:
     if params.n_components is None and _pca_method(data, params) == "incremental":
-        return min(data.n_rows, data.n_features, 256)
+        return min(data.n_rows, data.n_features, 256)  # every eigenvalue is computed anyway; 256 are stored
     return check_n_components(params.n_components, data.n_rows, data.n_features)
 
 
@@ -46,9 +48,10 @@ def check_pca(data: LayerInput, params: PCAParams) -> None:
 
 
 @register("pca", family="dimensionality", params=PCAParams, scope="layer", uses_labels=True, check=check_pca,
-          summary="PCA (exact, or IncrementalPCA streamed over shards): explained variance, effective dim 95/99%, "
-                  "participation ratio",
-          headline=("method", "n_components", "effective_dim_95", "effective_dim_99", "participation_ratio"))
+          summary="PCA (in memory, or streamed over the shards: covariance eigendecomposition, IncrementalPCA for "
+                  "very wide layers): explained variance, effective dim 95/99%, participation ratio",
+          headline=("method", "n_components", "effective_dim_95", "effective_dim_99", "participation_ratio"),
+          version="2")
 def pca(data: LayerInput, params: PCAParams) -> AnalysisResult:
     method = _pca_method(data, params)
     k = _pca_components(data, params)
@@ -61,7 +64,8 @@ def pca(data: LayerInput, params: PCAParams) -> AnalysisResult:
         projection = None
         if params.project:
             projection = np.concatenate([model.transform(batch)[:, : params.project] for batch in data.iter_batches()])
-    metrics = {"method": method, "n_rows": data.n_rows, "n_features": data.n_features,
+    solver = "covariance" if isinstance(model, CovariancePCA) else "svd" if method == "exact" else "incremental_pca"
+    metrics = {"method": method, "solver": solver, "n_rows": data.n_rows, "n_features": data.n_features,
                "total_variance": float(np.sum(model.explained_variance_) / max(np.sum(model.explained_variance_ratio_), 1e-300)),
                **spectrum_summary(model.explained_variance_, model.explained_variance_ratio_)}
     unknown = [f"effective_dim_{t}" for t in ("95", "99") if metrics[f"effective_dim_{t}"] is None]

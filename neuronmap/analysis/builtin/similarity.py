@@ -1,7 +1,8 @@
 """`cka`, `rsa`, `correlation`, `cosine`: how layers, neurons and samples resemble each other.
 
 `cka` and `rsa` compare layers two at a time ("layer_pair" scope: one Ray task per pair with `--engine
-ray`); `pair_matrix(artifact, "cka")` puts the pairs back into a layer x layer table. With
+ray`; linear and debiased `cka` add one task per layer for its self-moments, shared by its pairs);
+`pair_matrix(artifact, "cka")` puts the pairs back into a layer x layer table. With
 `--param other_run=PATH`, `cka` compares layer a of this run with layer b of another run of the same
 prompts (every ordered pair of the selected layers, a == b included); the other run must hold the
 same samples (same n_samples and prompt_source_hash) and the selected layers.
@@ -19,9 +20,11 @@ from pydantic import Field, computed_field, field_validator
 
 from ...errors import ConfigError, UnknownLayerError
 from ...store import open_run
-from ..cka import linear_cka, minibatch_cka, rbf_cka
+from ..cka import (cka_from_moment_summaries, cross_moment_summary, linear_cka, minibatch_cka, rbf_cka,
+                   self_moment_summary)
 from ..inputs import LayerInput, PairInput, intersect_ranges, merge_ranges
 from ..registry import AnalysisResult, Params, register
+from ..runner import share_layer_work
 from ..rsa import rsa
 from ..similarity import cosine_similarity, pearson_correlation
 
@@ -119,16 +122,53 @@ def check_cka(data: PairInput, params: CKAParams) -> None:
                           f"n_rows={data.n_rows}")
 
 
-@register("cka", family="similarity", params=CKAParams, scope="layer_pair", pairs=_cka_pairs, check=check_cka,
-          summary="CKA between layers (linear, debiased, minibatch, rbf), within a run or against --param "
-                  "other_run=PATH; pair_matrix() gives the layer x layer matrix",
-          headline=("cka", "method", "n_used"))
-def cka(data: PairInput, params: CKAParams) -> AnalysisResult:
-    data = _cka_input(data, params)
+def _check_aligned(data: PairInput, params: CKAParams) -> None:
     first, second = data.first, data.second
     if params.other_run is not None and not np.array_equal(first.sample_ids(), second.sample_ids()):
         raise ConfigError(f"rows of {first.layer} and of {second.layer} in other_run={params.other_run} hold "
                           "different sample ids: the runs are not aligned sample by sample")
+
+
+def _cka_result(data: PairInput, params: CKAParams, value: float, n_used: int) -> AnalysisResult:
+    first, second = data.first, data.second
+    metrics = {"cka": value, "method": params.method, "n_used": n_used, "first": first.layer, "second": second.layer}
+    if params.other_run is not None:
+        metrics["other_run"] = params.other_run
+    return AnalysisResult(metrics=metrics,
+                          tables={"cka": pd.DataFrame({"first": [first.layer], "second": [second.layer], "cka": [value]})})
+
+
+# linear and debiased CKA share each layer's self-moments between all its pairs (the runner's
+# `share_layer_work`): a layer's task summarises (X, X) once, a pair's task only (X, Y).
+def cka_layer_moments(data: LayerInput, params: CKAParams) -> tuple:
+    """Self-moment summary of one layer, shared by every pair it is in."""
+    return self_moment_summary(data.iter_batches)
+
+
+def cka_pair_moments(data: PairInput, params: CKAParams) -> tuple:
+    """Cross-moment summary of one (resolved) pair."""
+    _check_aligned(data, params)
+    return cross_moment_summary(data.first.iter_batches, data.second.iter_batches)
+
+
+def cka_pair_reduce(data: PairInput, states: list, params: CKAParams) -> AnalysisResult:
+    sxx, syy, sxy = states
+    value = cka_from_moment_summaries(sxx, syy, sxy, debiased=params.method == "debiased")
+    return _cka_result(data, params, value, data.n_rows)
+
+
+@register("cka", family="similarity", params=CKAParams, scope="layer_pair", pairs=_cka_pairs, check=check_cka,
+          summary="CKA between layers (linear, debiased, minibatch, rbf), within a run or against --param "
+                  "other_run=PATH; pair_matrix() gives the layer x layer matrix",
+          headline=("cka", "method", "n_used"))
+@share_layer_work(layer_map=cka_layer_moments, pair_map=cka_pair_moments, pair_reduce=cka_pair_reduce,
+                  resolve=lambda data, params: _cka_input(data, params),
+                  enabled=lambda params: params.method in ("linear", "debiased"))
+def cka(data: PairInput, params: CKAParams) -> AnalysisResult:
+    """One pair on its own (what runs for minibatch and rbf; linear and debiased share layer work)."""
+    data = _cka_input(data, params)
+    _check_aligned(data, params)
+    first, second = data.first, data.second
     n_used = data.n_rows
     if params.method in ("linear", "debiased"):
         value = linear_cka(first.iter_batches, second.iter_batches, debiased=params.method == "debiased")
@@ -137,11 +177,7 @@ def cka(data: PairInput, params: CKAParams) -> AnalysisResult:
     else:
         x, y, n_used = _sampled_pair(data, params.max_samples, params.seed, "RBF CKA")
         value = rbf_cka(x, y, sigma_factor=params.sigma_factor, max_samples=params.max_samples)
-    metrics = {"cka": value, "method": params.method, "n_used": n_used, "first": first.layer, "second": second.layer}
-    if params.other_run is not None:
-        metrics["other_run"] = params.other_run
-    return AnalysisResult(metrics=metrics,
-                          tables={"cka": pd.DataFrame({"first": [first.layer], "second": [second.layer], "cka": [value]})})
+    return _cka_result(data, params, value, n_used)
 
 
 # -- RSA ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -43,13 +43,18 @@ def stats_shard(data: LayerInput, params: StatsParams) -> dict[str, Any]:
     return {"stats": stats.state_dict(), "reservoir": reservoir.state_dict()}
 
 
-def stats_reduce(data: LayerInput, states: list[dict[str, Any]], params: StatsParams) -> AnalysisResult:
-    """Merge shard partials in row order into the per-neuron statistics."""
+def stats_reduce(data: LayerInput, states: Iterable[dict[str, Any]], params: StatsParams) -> AnalysisResult:
+    """Fold shard partials into the per-neuron statistics as they arrive, in row order.
+
+    `states` is consumed once, one partial at a time (the runner hands a generator fed by the
+    engine), so memory holds the running result and one partial, whatever the number of shards.
+    """
     stats = RunningStats(params.eps)
     reservoir = Reservoir(params.reservoir_size, seed=params.seed)
     for state in states:
-        stats.merge(RunningStats().load_state_dict(state["stats"]))
-        reservoir.merge(Reservoir().load_state_dict(state["reservoir"]))
+        stats.merge(RunningStats(params.eps).load_state_dict(state["stats"]))
+        reservoir.merge(Reservoir(params.reservoir_size).load_state_dict(state["reservoir"]))
+        del state  # drop this partial before the next one is computed or fetched
     summary = stats.summary()
     q = np.asarray(params.percentiles, dtype=np.float64)
     percentiles = reservoir.percentiles(q)
@@ -91,4 +96,4 @@ def stats_reduce(data: LayerInput, states: list[dict[str, Any]], params: StatsPa
           headline=("n_rows", "mean", "std", "sparsity", "kurtosis_median", "n_constant", "non_normal_fraction"))
 def stats(data: LayerInput, params: StatsParams) -> AnalysisResult:
     """Single-call form (same maths as the shard map/reduce the runner uses)."""
-    return stats_reduce(data, [stats_shard(part, params) for part in data.shard_inputs()], params)
+    return stats_reduce(data, (stats_shard(part, params) for part in data.shard_inputs()), params)

@@ -1,0 +1,290 @@
+"""Attribution of one target scalar to the input tokens of one prompt, Captum's verb and vocabulary.
+
+`TokenAttribution(loaded).attribute(text, target=..., method=...)` returns one score per input token.
+Gradient and perturbation methods come from Captum, run on the token *embeddings* (ids are not
+differentiable): the model is called with ``inputs_embeds``, so position embeddings, masks and
+everything after the embedding table are the model's own. Scores per token are the sum over the
+embedding dimension (gradient methods) or the token's value (perturbation methods, where each token
+is one feature). Two methods Captum lacks for transformers are written here: attention rollout
+(Abnar & Zuidema 2020) and a Grad-CAM-style map over a block's output (hidden units play the role of
+channels, tokens of positions).
+
+Baselines replace every non-special token by the pad token (``baseline="pad"``, special tokens such
+as BOS/[CLS]/[SEP] kept, as Captum's BERT tutorial does) or by zero vectors (``"zero"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..capture import Capture
+from ..errors import ConfigError
+from ..interventions._common import tokenize
+from .targets import Target, parse_target, score
+
+GRADIENT_METHODS = ("saliency", "grad-x-input", "ig", "layer-ig", "gradcam")
+PERTURBATION_METHODS = ("shapley", "kernelshap", "lime")
+METHODS = (*GRADIENT_METHODS, *PERTURBATION_METHODS, "rollout")
+LAYER_METHODS = ("layer-ig", "gradcam")
+
+
+@dataclass
+class AttributionResult:
+    """Scores of one method for one prompt.
+
+    scores : ndarray (n_tokens,), one per input token (``tokens``)
+    target_value : the target on the real input; baseline_value on the baseline (where one is used)
+    delta : completeness gap of integrated gradients, sum(scores) - (target - baseline target)
+    """
+
+    method: str
+    text: str
+    tokens: list[str]
+    scores: np.ndarray
+    target: str
+    target_description: str
+    target_value: float
+    baseline_value: float | None = None
+    delta: float | None = None
+    layer: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        top = int(np.argmax(np.abs(self.scores))) if len(self.scores) else 0
+        return {"method": self.method, "target": self.target, "target_description": self.target_description,
+                "target_value": self.target_value, "baseline_value": self.baseline_value, "delta": self.delta,
+                "layer": self.layer, "n_tokens": len(self.tokens), "top_token": self.tokens[top] if self.tokens else None,
+                "top_position": top, "top_score": float(self.scores[top]) if len(self.scores) else None,
+                "sum_scores": float(self.scores.sum())}
+
+
+class TokenAttribution:
+    """Attribute a target of `loaded` (a `LoadedModel`, head loaded for logit targets) to input tokens.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+    baseline : {"pad", "zero"}
+        What "absent" means for a token (integrated gradients, layer IG, Shapley, KernelSHAP, LIME).
+    position : int
+        Token position the target reads (negative counts from the end; -1 is the last token).
+    """
+
+    def __init__(self, loaded: Any, baseline: str = "pad", position: int = -1) -> None:
+        if baseline not in ("pad", "zero"):
+            raise ConfigError(f"baseline={baseline!r} is not supported; use pad or zero")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.baseline = baseline
+        self.position = position
+
+    # -- public ------------------------------------------------------------------------------------
+    def attribute(self, inputs: str, target: str = "next-token", method: str = "ig", layer: str | None = None,
+                  n_steps: int = 64, n_samples: int = 64, seed: int = 0, internal_batch_size: int = 16
+                  ) -> AttributionResult:
+        """Scores of `method` for prompt `inputs` and `target` (see `neuronmap.attribution.targets`).
+
+        n_steps : integration steps (ig, layer-ig); n_samples : permutations (shapley) or samples
+        (kernelshap, lime); layer : canonical layer of layer-ig and gradcam (default: the middle block).
+        """
+        if method not in METHODS:
+            raise ConfigError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
+        if not isinstance(inputs, str) or not inputs.strip():
+            raise ConfigError("the prompt is empty: give the text to explain")
+        for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("internal_batch_size", internal_batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 1")
+        ids = torch.tensor([tokenize(self.loaded, inputs)], device=self._device())
+        mask = torch.ones_like(ids)
+        position = self._position(ids.shape[1])
+        self._target = parse_target(self.loaded, target, predicted=lambda: self._predicted(ids, mask, position))
+        self._pos = position
+        if self._target.kind == "neuron":
+            self._neuron_ref = self.loaded.adapter.resolve(self._target.layer)[0]
+        if method in LAYER_METHODS:
+            layer = layer or f"blocks.{self.loaded.adapter.n_blocks // 2}"
+            self._layer_ref = self._one_ref(layer)
+        elif layer is not None:
+            raise ConfigError(f"--layer applies to {', '.join(LAYER_METHODS)} only, not {method}")
+        embeds = self.model.get_input_embeddings()(ids).detach()
+        base = self._baseline_embeds(ids, embeds)
+        with torch.no_grad():
+            value = float(self._forward(embeds, mask)[0])
+        torch.manual_seed(seed)
+        result = AttributionResult(
+            method=method, text=inputs, tokens=self.loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist()),
+            scores=np.zeros(ids.shape[1]), target=target, target_description=self._target.describe(self.loaded.tokenizer),
+            target_value=value, layer=layer,
+            params={"method": method, "target": target, "baseline": self.baseline, "position": position,
+                    "layer": layer, "n_steps": n_steps, "n_samples": n_samples, "seed": seed})
+        scores, delta = getattr(self, "_" + method.replace("-", "_"))(embeds, base, mask, n_steps, n_samples,
+                                                                      internal_batch_size)
+        result.scores = np.asarray(scores, dtype=np.float64)
+        result.delta = None if delta is None else float(delta)
+        if method in ("ig", "layer-ig", "shapley", "kernelshap", "lime"):
+            with torch.no_grad():
+                result.baseline_value = float(self._forward(base, mask)[0])
+        return result
+
+    # -- the model as a function of embeddings ---------------------------------------------------------
+    def _forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.expand(embeds.shape[0], -1)
+        if self._target.kind == "neuron":
+            ref = self._neuron_ref
+            with Capture([ref], stop_early=True, detach=False) as cap:
+                cap.run(self.model, inputs_embeds=embeds, attention_mask=mask)
+            return score(self._target, None, cap.outputs[ref.name], self._pos)
+        output = self.model(inputs_embeds=embeds, attention_mask=mask)
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise ConfigError(f"target {self._target.spec!r} needs logits but {type(self.model).__name__} has no "
+                              "head: load the model with its head (the CLI does) or use a neuron: target")
+        return score(self._target, logits, None, self._pos)
+
+    def _predicted(self, ids: torch.Tensor, mask: torch.Tensor, position: int) -> int:
+        with torch.no_grad():
+            logits = getattr(self.model(input_ids=ids, attention_mask=mask), "logits", None)
+        if logits is None or logits.dim() != 3:
+            raise ConfigError("target next-token needs a model with an LM head; use class:<k> or neuron:<layer>:<i>")
+        return int(logits[0, position].argmax())
+
+    # -- gradient methods (Captum) ---------------------------------------------------------------------
+    def _saliency(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import Saliency
+
+        attr = Saliency(self._forward).attribute(embeds.clone().requires_grad_(), additional_forward_args=(mask,),
+                                                 abs=True)
+        return _per_token(attr), None
+
+    def _grad_x_input(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import InputXGradient
+
+        attr = InputXGradient(self._forward).attribute(embeds.clone().requires_grad_(), additional_forward_args=(mask,))
+        return _per_token(attr), None
+
+    def _ig(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import IntegratedGradients
+
+        attr, delta = IntegratedGradients(self._forward).attribute(
+            embeds, baselines=base, additional_forward_args=(mask,), n_steps=n_steps, internal_batch_size=ibs,
+            return_convergence_delta=True)
+        return _per_token(attr), delta.item()
+
+    def _layer_ig(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import LayerIntegratedGradients
+
+        ref = self._layer_ref
+        attr, delta = LayerIntegratedGradients(self._forward, ref.module).attribute(
+            embeds, baselines=base, additional_forward_args=(mask,), n_steps=n_steps, internal_batch_size=ibs,
+            attribute_to_layer_input=ref.hook == "input", return_convergence_delta=True)
+        if isinstance(attr, (tuple, list)):
+            attr = attr[0]
+        return _per_token(attr), delta.item()
+
+    def _gradcam(self, embeds, base, mask, n_steps, n_samples, ibs):
+        ref = self._layer_ref
+        with torch.enable_grad(), Capture([ref], detach=False) as cap:
+            value = cap.run(self._forward, embeds.clone().requires_grad_(), mask)
+            activation = cap.outputs[ref.name]
+            if activation.dim() != 3:
+                raise ConfigError(f"gradcam needs a (batch, tokens, hidden) layer; {ref.name} gives "
+                                  f"{tuple(activation.shape)}: pick a block, e.g. blocks.3")
+            (grad,) = torch.autograd.grad(value.sum(), activation)
+        weights = grad.mean(dim=1, keepdim=True)  # one weight per hidden unit ("channel")
+        cam = torch.relu((weights * activation).sum(dim=-1))
+        return cam[0].detach().float().cpu().numpy(), None
+
+    # -- perturbation methods (Captum), one feature per token -------------------------------------------
+    def _feature_mask(self, embeds: torch.Tensor) -> torch.Tensor:
+        n = embeds.shape[1]
+        return torch.arange(n, device=embeds.device).view(1, n, 1).expand_as(embeds).contiguous()
+
+    def _shapley(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import ShapleyValueSampling
+
+        attr = ShapleyValueSampling(self._forward).attribute(
+            embeds, baselines=base, additional_forward_args=(mask,), feature_mask=self._feature_mask(embeds),
+            n_samples=n_samples, perturbations_per_eval=ibs, show_progress=False)
+        return attr[0, :, 0].detach().float().cpu().numpy(), None
+
+    def _kernelshap(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum.attr import KernelShap
+
+        attr = KernelShap(self._forward).attribute(
+            embeds, baselines=base, additional_forward_args=(mask,), feature_mask=self._feature_mask(embeds),
+            n_samples=n_samples, perturbations_per_eval=ibs, show_progress=False)
+        return attr[0, :, 0].detach().float().cpu().numpy(), None
+
+    def _lime(self, embeds, base, mask, n_steps, n_samples, ibs):
+        from captum._utils.models.linear_model import SkLearnLinearRegression
+        from captum.attr import Lime
+
+        attr = Lime(self._forward, interpretable_model=SkLearnLinearRegression()).attribute(
+            embeds, baselines=base, additional_forward_args=(mask,), feature_mask=self._feature_mask(embeds),
+            n_samples=n_samples, perturbations_per_eval=ibs, show_progress=False)
+        return attr[0, :, 0].detach().float().cpu().numpy(), None
+
+    # -- attention rollout ------------------------------------------------------------------------------
+    def _rollout(self, embeds, base, mask, n_steps, n_samples, ibs):
+        adapter = self.loaded.adapter
+        refs = adapter.resolve("blocks.*.attn.pattern")
+        with torch.no_grad(), adapter.attention_patterns(refs), Capture(refs) as cap:
+            cap.run(self.model, inputs_embeds=embeds, attention_mask=mask)
+        patterns = [cap.outputs[ref.name][0].float().cpu().numpy() for ref in refs]  # each (heads, q, k)
+        return attention_rollout(patterns)[self._pos], None
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _baseline_embeds(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        tokenizer = self.loaded.tokenizer
+        special = torch.tensor([t in set(tokenizer.all_special_ids) for t in ids[0].tolist()], device=ids.device)
+        if self.baseline == "zero":
+            base = torch.zeros_like(embeds)
+        else:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            base = self.model.get_input_embeddings()(torch.full_like(ids, int(pad))).detach()
+        keep = special.view(1, -1, 1)
+        if self.baseline == "pad" and not bool(special.all()):
+            base = torch.where(keep, embeds, base)
+        return base
+
+    def _position(self, n: int) -> int:
+        position = self.position
+        if not isinstance(position, int) or not -n <= position < n:
+            raise ConfigError(f"position={position!r} is outside the prompt's {n} tokens; use 0..{n - 1} or -1..-{n}")
+        return position % n
+
+    def _one_ref(self, layer: str) -> Any:
+        refs = self.loaded.adapter.resolve(layer)
+        if len(refs) != 1:
+            raise ConfigError(f"--layer {layer!r} names {len(refs)} layers; name exactly one, e.g. blocks.3")
+        return refs[0]
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+
+def attention_rollout(patterns: list[np.ndarray]) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020): how much each token's input reaches each position.
+
+    patterns : per layer, attention weights of shape (heads, q, k), first layer first.
+    Returns the (q, k) product of the layers' head-averaged attention with the residual added
+    (0.5 * A + 0.5 * I, rows renormalised).
+    """
+    rollout = None
+    for pattern in patterns:
+        attn = pattern.mean(axis=0)
+        attn = 0.5 * attn + 0.5 * np.eye(attn.shape[-1])
+        attn = attn / attn.sum(axis=-1, keepdims=True)
+        rollout = attn if rollout is None else attn @ rollout
+    if rollout is None:
+        raise ConfigError("the model has no attention patterns to roll out")
+    return rollout
+
+
+def _per_token(attr: torch.Tensor) -> np.ndarray:
+    return attr[0].sum(dim=-1).detach().float().cpu().numpy()
