@@ -3,8 +3,8 @@
 - `<out>/experiment.resolved.yaml`: the configuration as run (profile applied, analysis seeds filled
   in), the profile, the seed, the source file's sha256 and the package versions.
 - `<run>/experiment.json`: the same for each run, plus the run's fingerprint, which a later
-  `neuronmap run` compares before reusing the run. (The manifest of a complete run cannot be changed
-  through the store's public API, so the record sits beside it.)
+  `neuronmap run` compares before reusing the run; the manifest's `extra["experiment"]` holds the
+  same provenance (`neuronmap.store.annotate_run`, a no-op when nothing changed).
 - `<out>/experiment.state.json`: the fingerprint of the inputs the last report was built from.
 
 Files are rewritten only when their content changes, so re-running an experiment that is done
@@ -98,6 +98,11 @@ def write_run_record(target: RunTarget, document: dict[str, Any]) -> None:
               | {"model": target.spec.model_dump(mode="json"), "layers": target.layers, "pooling": target.pooling,
                  "format": target.format, "dtype": target.dtype}}
     write_if_changed(target.path / RUN_RECORD, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    from ..store import annotate_run
+
+    # Also in the manifest, where `neuronmap runs show` and every reader of the run see it.
+    annotate_run(target.path, experiment={k: record[k] for k in ("experiment", "source_sha256", "profile", "seed",
+                                                                "versions", "extraction")})
 
 
 def read_state(experiment: Experiment) -> dict[str, Any]:

@@ -19,6 +19,7 @@ POSIX shared filesystem.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -453,6 +454,32 @@ class RunWriter:
     @staticmethod
     def _tmp_name(final: Path) -> Path:
         return final.with_name(f"{final.name}{TMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def annotate_run(path: str | os.PathLike, **extra: Any) -> Manifest:
+    """Merge `extra` into the manifest's free-form `extra` mapping, for a run in any state.
+
+    For records that describe how a run came to be (an experiment's resolved configuration, a
+    seed) and belong with it, also after it is complete. Nothing else in the manifest changes; the
+    rewrite is atomic and under the run's lock. Unchanged values rewrite nothing.
+    """
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"cannot store {', '.join(sorted(extra))} in the manifest: {error}; "
+                          "pass JSON values (str, numbers, lists, dicts)") from None
+    writer = RunWriter.__new__(RunWriter)
+    writer.path, writer.resumed, writer._stat = Path(path), True, None
+    writer._manifest = load_manifest(path)
+    with writer._lock():
+        manifest = writer._reload()
+        try:
+            updated = Manifest.model_validate({**manifest.model_dump(), "extra": {**manifest.extra, **extra}})
+        except ValidationError as error:
+            raise ConfigError(f"cannot store {', '.join(sorted(extra))} in the manifest: {_first_error(error)}") from None
+        if updated.extra != manifest.extra:
+            writer._save(updated)
+    return writer._manifest
 
 
 def _remove(path: Path) -> None:

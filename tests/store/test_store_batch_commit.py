@@ -124,3 +124,22 @@ def test_background_commits_overlap_and_reraise():
             commits.submit(order.append, "finished anyway")
             raise ValueError("caller failed")
     assert order[-1] == "finished anyway"
+
+
+def test_annotate_run_merges_extra_of_a_complete_run(tmp_path):
+    from neuronmap.errors import ConfigError
+    from neuronmap.store import annotate_run
+
+    write_run(tmp_path / "run")
+    before = load_manifest(tmp_path / "run")
+    annotate_run(tmp_path / "run", experiment={"name": "demo", "seed": 3})
+    after = load_manifest(tmp_path / "run")
+    assert after.status == "complete"
+    assert after.extra["experiment"] == {"name": "demo", "seed": 3}
+    assert after.model_dump(exclude={"extra", "updated"}) == before.model_dump(exclude={"extra", "updated"})
+    stamp = (tmp_path / "run" / "manifest.json").stat().st_mtime_ns
+    annotate_run(tmp_path / "run", experiment={"name": "demo", "seed": 3})  # unchanged: nothing rewritten
+    assert (tmp_path / "run" / "manifest.json").stat().st_mtime_ns == stamp
+    assert open_run(tmp_path / "run").manifest.extra["experiment"]["seed"] == 3
+    with pytest.raises(ConfigError, match="cannot store"):
+        annotate_run(tmp_path / "run", bad=object())
