@@ -195,6 +195,8 @@ class RaySpec(Strict):
     workers: int | None = Field(None, ge=1)
     cpus_per_worker: float | None = Field(None, gt=0)
     gpus_per_worker: float | None = Field(None, ge=0)
+    analyses: bool = Field(True, description="run the analyses as Ray tasks too; false keeps them in-process, "
+                                             "which is quicker for small runs (each Ray task costs ~0.1-1 s)")
 
 
 class OutputsSpec(Strict):

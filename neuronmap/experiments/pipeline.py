@@ -249,7 +249,7 @@ class Pipeline:
                 overwrite=target.state == "stale", samples_per_shard=self.config.samples_per_shard,
                 progress=self.console is not None, engine=self.engine)
             if self.engine != "local":
-                options.update(self.config.ray.model_dump())
+                options.update(self.config.ray.model_dump(exclude={"analyses"}))
             source = frame if prompts.limit is not None else prompts.path
             run = extract(target.model, source, text_column=None if prompts.limit is not None else prompts.text_column,
                           **options)
@@ -311,7 +311,8 @@ class Pipeline:
         if self._analysis_engine is None:
             from ..analysis.runner import get_engine
 
-            self._analysis_engine = get_engine(self.engine)
+            on_ray = self.engine != "local" and self.config.ray.analyses
+            self._analysis_engine = get_engine(self.engine if on_ray else "local")
         return self._analysis_engine
 
     def report(self, targets: list[RunTarget], document: dict) -> None:

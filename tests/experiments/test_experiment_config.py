@@ -213,3 +213,17 @@ def test_cli_config_error_is_one_line_and_exit_2(write_experiment, line_of, caps
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", str(write_experiment(BASE, "ok.yaml")), "--engine", "spark", "--dry-run"]) == 2
     assert "--engine 'spark' is not installed; use one of local" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", [None, "dev", "test", "prod"])
+def test_the_shipped_demo_experiment_validates_and_plans(profile, tmp_path, monkeypatch):
+    """`make demo` runs examples/demo.yaml: it must load under every profile and plan without writing."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+    monkeypatch.chdir(tmp_path)  # outputs are relative to the working folder
+    experiment = load_experiment(demo, profile=profile)
+    assert experiment.config.engine == "ray" and experiment.config.ray.analyses is False
+    assert {a.name for a in experiment.config.analyses} >= {"stats", "pca", "cka", "probe"}
+    run_experiment(experiment, dry_run=True)
+    assert list(tmp_path.iterdir()) == []
