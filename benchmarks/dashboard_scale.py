@@ -5,9 +5,11 @@ float32 features, 10 topic labels), adds `stats` and `pca` artifacts on one laye
 page two ways:
 
 - server: the Python work behind a page (its layout plus every callback it fires on load), cold
-  (empty caches, first visit) and warm (second visit);
+  (a fresh app without background prefetch, empty memory and disk caches, first visit), warm (second
+  visit) and restart (a fresh app over the disk cache under ``<run>/.cache/dashboard/``);
 - browser (when /usr/bin/chromium is there): navigation until the page's main element is drawn,
-  in headless Chromium driven by playwright.
+  in headless Chromium driven by playwright, in the app as users get it (the Run page visit, which
+  comes first, starts the background prefetch of the run's layer summaries and CKA matrix).
 
     python benchmarks/dashboard_scale.py [--samples 100000] [--features 256] [--out DIR] [--json results.json]
 """
@@ -55,17 +57,18 @@ def write_run(root: Path, n: int, d: int, layers: int, shard: int = 25_000) -> P
 
 
 def server_timings(root: Path, pages: list[tuple[str, str, dict]]) -> dict[str, dict[str, float]]:
-    """Seconds of the Python work behind each page (layout + load callbacks), cold then warm."""
-    from dashboards import layerview
+    """Seconds of the Python work behind each page (layout + load callbacks).
+
+    cold: a fresh app (no background prefetch) and an empty disk cache, first visit; warm: the same
+    app, second visit; restart: another fresh app over the disk cache the cold visit left.
+    """
+    from dashboards import diskcache, layerview
     from dashboards.app import create_app
     from dashboards.pages import analysis_artifact, compare, gallery, layer, run, runs
     from neuronmap import viz
 
-    app = create_app(root, workers=1)
-    ctx = app.neuronmap
-    repo = ctx.repository
-
-    def load(name: str, query: dict) -> None:
+    def load(ctx, name: str, query: dict) -> None:
+        repo = ctx.repository
         module = {"runs": runs, "run": run, "layer": layer, "layer-no-artifacts": layer, "gallery": gallery,
                   "artifact": analysis_artifact, "compare": compare}[name]
         module.layout(ctx, query)
@@ -73,42 +76,89 @@ def server_timings(root: Path, pages: list[tuple[str, str, dict]]) -> dict[str, 
             repo.prompts(query["run"]).head(15)
             from dashboards.pages.run import filter_prompts
             filter_prompts(repo.prompts(query["run"]), "topic", None, None)
-        elif name.startswith("layer"):
+        elif name.startswith("layer"):  # the scatter, distribution and heatmap callbacks
             proj = layerview.projection(repo, query["run"], query["layer"], "pca")
             values, _ = layerview.colour(repo, query["run"], query["layer"], "topic", proj)
             viz.pca_scatter(proj.coords, proj.explained, color=values, ids=proj.rows,
                             hover=layerview.texts(repo, query["run"], proj.sample_ids))
-            sample = repo.layer_sample(query["run"], query["layer"])
-            viz.layer_distributions({"x": sample.x.ravel()}, kind="histogram")
-            viz.activation_heatmap(sample.x, top_k=24, max_rows=60)
+            found = layerview.summary(repo, query["run"], query["layer"])
+            viz.layer_distributions({"x": found.values}, kind="histogram")
+            viz.activation_heatmap(found.heat_x, neurons=found.top, max_rows=layerview.HEAT_ROWS)
         elif name == "artifact":
             viz.figure_for_artifact(repo.artifact(query["run"], query["id"]), prompts=repo.prompts(query["run"]))
         elif name == "compare":
             compare.cka_matrix(repo, query["run"], None)
 
+    def timed(ctx, name: str, query: dict) -> float:
+        started = time.perf_counter()
+        load(ctx, name, query)
+        return time.perf_counter() - started
+
     out: dict[str, dict[str, float]] = {}
     for name, _, query in pages:
-        times = []
-        for _ in range(2):
-            started = time.perf_counter()
-            load(name, query)
-            times.append(time.perf_counter() - started)
-        out[name] = {"cold_s": round(times[0], 3), "warm_s": round(times[1], 3)}
-    ctx.jobs.shutdown()
+        diskcache.clear(root / RUN_ID)
+        app = create_app(root, workers=1, prefetch=False)
+        cold, warm = timed(app.neuronmap, name, query), timed(app.neuronmap, name, query)
+        app.neuronmap.jobs.shutdown()
+        app = create_app(root, workers=1, prefetch=False)
+        restart = timed(app.neuronmap, name, query)
+        app.neuronmap.jobs.shutdown()
+        out[name] = {"cold_s": round(cold, 3), "warm_s": round(warm, 3), "restart_s": round(restart, 3)}
     return out
 
 
-def browser_timings(root: Path, pages: list[tuple[str, str, dict]], ready: dict[str, str]) -> dict[str, dict]:
+def reduction_baselines(root: Path, layers: int) -> dict[str, float]:
+    """The two reductions behind the slow cold pages, old way vs new way, on the same samples.
+
+    Old: a full SVD of the centred 20,000-row sample (PCA preview) and `linear_cka` once per layer
+    pair (Compare). New: `reduce.sample_pca` (covariance + eigh) and `reduce.linear_cka_matrix`
+    (each layer centred once).
+    """
+    from neuronmap.analysis.cka import linear_cka
+
+    from dashboards.data import Repository
+    from dashboards.reduce import linear_cka_matrix, sample_pca
+
+    repo = Repository(root)
+    x = repo.layer_sample(RUN_ID, "blocks.1").x
+    started = time.perf_counter()
+    centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    np.linalg.svd(centred, full_matrices=False)
+    svd_s = time.perf_counter() - started
+    started = time.perf_counter()
+    sample_pca(x, k=3)
+    pca_s = time.perf_counter() - started
+    xs = [repo.layer_sample(RUN_ID, f"blocks.{i}", max_rows=2000).x for i in range(layers)]
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(layers):
+            for j in range(layers):
+                if i != j:
+                    linear_cka(xs[i], xs[j])
+    pairwise_s = time.perf_counter() - started
+    started = time.perf_counter()
+    linear_cka_matrix(xs)
+    matrix_s = time.perf_counter() - started
+    return {"pca_full_svd_s": round(svd_s, 3), "pca_covariance_s": round(pca_s, 3),
+            "pca_speedup": round(svd_s / max(pca_s, 1e-9), 1), "cka_pairwise_s": round(pairwise_s, 3),
+            "cka_matrix_s": round(matrix_s, 3), "cka_speedup": round(pairwise_s / max(matrix_s, 1e-9), 1)}
+
+
+def browser_timings(root: Path, pages: list[tuple[str, str, dict]], ready: dict[str, str],
+                    prefetch: bool = True) -> dict[str, dict]:
     """Seconds from navigation to the page's main element in headless Chromium, first and second visit."""
     import logging
 
     from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
+    from dashboards import diskcache
     from dashboards.app import create_app
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = create_app(root, workers=1)
+    diskcache.clear(root / RUN_ID)
+    app = create_app(root, workers=1, prefetch=prefetch)  # default: the Run page visit starts the prefetch
     httpd = make_server("127.0.0.1", 0, app.server, threaded=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_port}"
@@ -143,6 +193,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="runs folder to use (default: a temp folder, removed)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--no-prefetch", action="store_true", help="browser pass without the background prefetch")
     args = parser.parse_args()
 
     from threadpoolctl import threadpool_limits
@@ -180,9 +231,12 @@ def main() -> None:
                    "write_run_s": round(write_s, 1), "stats_and_pca_s": round(analyse_s, 1),
                    "artifacts": [stats.id, pca.id], "server": server_timings(root, pages)}
         print(json.dumps(results["server"]), flush=True)
+        results["reductions"] = reduction_baselines(root, args.layers)
+        print(json.dumps(results["reductions"]), flush=True)
         if not args.no_browser and Path("/usr/bin/chromium").exists():
             try:
-                results["browser"] = browser_timings(root, pages, ready)
+                results["browser"] = browser_timings(root, pages, ready, prefetch=not args.no_prefetch)
+                results["browser_prefetch"] = not args.no_prefetch
             except Exception as error:  # the server numbers stand on their own
                 results["browser_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
         print(json.dumps(results, indent=2))

@@ -18,10 +18,12 @@ from dash import Input, Output, dcc, html
 
 from neuronmap.errors import NeuronMapError
 
+from . import reduce
 from .components import Context, error_state
 from .data import Repository
 from .jobs import JobManager
 from .pages import PAGES
+from .prefetch import Prefetcher
 
 ASSETS = Path(__file__).parent / "assets"
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
@@ -49,10 +51,14 @@ def parse_query(search: str | None) -> dict[str, str]:
     return {key: values[-1] for key, values in parse_qs((search or "").lstrip("?"), keep_blank_values=True).items()}
 
 
-def create_app(runs_dir: str | os.PathLike, workers: int = 2) -> dash.Dash:
-    """The dashboard over the runs under `runs_dir` (analyses launched from it run on `workers` threads)."""
+def create_app(runs_dir: str | os.PathLike, workers: int = 2, prefetch: bool = True) -> dash.Dash:
+    """The dashboard over the runs under `runs_dir` (analyses launched from it run on `workers` threads).
+
+    With `prefetch` a Run page visit warms that run's layer summaries and CKA matrix in the background.
+    """
+    reduce.preload()
     repository = Repository(runs_dir)
-    ctx = Context(repository, JobManager(repository, workers))
+    ctx = Context(repository, JobManager(repository, workers), Prefetcher(repository) if prefetch else None)
     app = dash.Dash(__name__, assets_folder=str(ASSETS), suppress_callback_exceptions=True, title="NeuronMap",
                     update_title=None, serve_locally=True, meta_tags=[
                         {"name": "viewport", "content": "width=device-width, initial-scale=1"}])

@@ -17,10 +17,11 @@ GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
 
 @dataclass
 class Context:
-    """What every page's layout and callbacks get: the data repository and the job manager."""
+    """What every page's layout and callbacks get: the data repository, the job manager and the prefetcher."""
 
     repository: Any
     jobs: Any
+    prefetch: Any = None
 
 
 def href(path: str, **query: Any) -> str:

@@ -26,30 +26,45 @@ from neuronmap.store import Run, load_manifest, open_run
 from . import paths
 
 SAMPLE_ROWS = 20_000
-SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK_ROWS = 256
 MAX_DEPTH = 3
 SCAN_TTL_S = 2.0
 
 
 class LRU:
-    """A small thread-safe LRU cache: ``get(key, compute)``."""
+    """A small thread-safe LRU cache: ``get(key, compute)``.
+
+    Concurrent `get`s of the same missing key compute it once (the others wait for it), so a page
+    visit that arrives while the prefetch thread computes the same layer does not do the work twice.
+    """
 
     def __init__(self, size: int):
         self.size = size
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[Any, threading.Lock] = {}
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        value = compute()
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            flight = self._pending.setdefault(key, threading.Lock())
+        with flight:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            try:
+                value = compute()
+                with self._lock:
+                    self._items[key] = value
+                    self._items.move_to_end(key)
+                    while len(self._items) > self.size:
+                        self._items.popitem(last=False)
+            finally:
+                with self._lock:
+                    if self._pending.get(key) is flight:
+                        del self._pending[key]
         return value
 
     def clear(self) -> None:
@@ -107,7 +122,7 @@ class Repository:
         self._runs = LRU(64)
         self._prompts = LRU(8)
         self._artifacts = LRU(64)
-        self._samples = LRU(6)
+        self._samples = LRU(4)
         self._derived = LRU(32)
 
     # -- runs ---------------------------------------------------------------------------------------
@@ -210,37 +225,23 @@ class Repository:
     def layer_sample(self, run_id: str, layer: str, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> LayerSample:
         """A seeded sample of at most `max_rows` committed rows of `layer` (all of them when fewer).
 
-        Above `max_rows` the sample is `SAMPLE_BLOCKS` randomly placed (seeded) blocks of consecutive rows, so
-        only those rows are read: a 100,000-row layer is not scanned to draw 20,000 points.
+        Above `max_rows` the sample is seeded blocks of at most `SAMPLE_BLOCK_ROWS` consecutive rows spread
+        over the layer (`sample_positions`), so only those rows are read (a 100,000-row layer is not
+        scanned to draw 20,000 points), with one open and one vectorised read per shard (`read_rows`).
         """
-        from neuronmap.analysis.inputs import LayerInput, merge_ranges
-
         run = self.run(run_id)
         if layer not in run.layers:
             raise RunFormatError(f"layer {layer!r} is not in run {run_id}; it holds: {', '.join(run.layers)}")
         key = (str(run.path), _mtime(run.path / "manifest.json"), layer, max_rows, seed)
 
         def compute() -> LayerSample:
-            ranges = merge_ranges([tuple(shard.rows) for shard in run.shards(layer)])
-            data = LayerInput(run.path, run.manifest, layer, ranges, None, 8192)
-            n = data.n_rows
+            shards = [s for s in run.shards(layer) if s.n_rows > 0]
+            n = sum(s.n_rows for s in shards)
             if n == 0:
                 raise RunFormatError(f"layer {layer} of run {run_id} has no committed rows yet")
-            if n <= max_rows:
-                return LayerSample(data.array().astype(np.float32, copy=False), data.layer_rows(), data.sample_ids(), n)
-            size = max(64, -(-max_rows // SAMPLE_BLOCKS))
-            blocks = -(-n // size)
-            chosen = np.sort(np.random.default_rng(seed).choice(blocks, min(blocks, -(-max_rows // size)), replace=False))
-            positions = np.concatenate([np.arange(b * size, min(n, (b + 1) * size)) for b in chosen])
-            rows = data.layer_rows(positions[:max_rows])
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            parts, ids = [], []
-            for group in np.split(rows, breaks):
-                span = (int(group[0]), int(group[-1]) + 1)
-                parts.append(run.array(layer, rows=span).reshape(len(group), -1))
-                ids.append(run.sample_ids(layer, rows=span))
-            x = np.concatenate(parts).astype(np.float32, copy=False)
-            return LayerSample(x, rows, np.concatenate(ids), n)
+            positions = sample_positions(n, max_rows, seed)
+            x, rows, ids = read_rows(run, layer, shards, positions)
+            return LayerSample(x.reshape(len(x), -1).astype(np.float32, copy=False), rows, ids, n)
 
         return self._samples.get(key, compute)
 
@@ -262,3 +263,54 @@ class Repository:
         """Forget the scan (after a job wrote an artifact); mtime keys handle the rest."""
         with self._lock:
             self._scan = None
+
+
+def sample_positions(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Sorted positions (0..n-1) of a seeded sample of `max_rows` of `n` rows, in blocks of consecutive rows.
+
+    Blocks of ``clip(max_rows / 16, 64, SAMPLE_BLOCK_ROWS)`` rows: short enough to spread the sample over
+    the whole layer (prompts are often grouped by topic), long enough to read in slices.
+    """
+    if n <= max_rows:
+        return np.arange(n, dtype=np.int64)
+    size = int(np.clip(-(-max_rows // 16), 64, SAMPLE_BLOCK_ROWS))
+    blocks = -(-n // size)
+    order = np.random.default_rng(seed).permutation(blocks)
+    lengths = np.minimum(size, n - order * size)  # the last block of the layer may be short
+    taken = int(np.searchsorted(np.cumsum(lengths), max_rows)) + 1
+    lengths[taken - 1] -= int(lengths[:taken].sum()) - max_rows  # the last block drawn is cut to fit
+    parts = sorted((int(b) * size, int(b) * size + int(length)) for b, length in zip(order[:taken], lengths[:taken]))
+    return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in parts])
+
+
+def read_rows(run: Run, layer: str, shards: list, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations, layer rows and sample ids at sorted `positions` of the rows the `shards` hold.
+
+    Positions count the committed rows of `shards` (in row order) without gaps; each shard is opened
+    once: HDF5 reads each run of consecutive rows as one slice, Parquet decodes the covering row
+    groups once and takes the rows.
+    """
+    from neuronmap.store.shards import ShardReader
+
+    info = run.layer_info(layer)
+    counts = np.array([s.n_rows for s in shards], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    which = np.searchsorted(starts, positions, side="right") - 1
+    xs, rows, ids = [], [], []
+    for index in np.unique(which):
+        shard = shards[int(index)]
+        local = positions[which == index] - starts[index]
+        rows.append(shard.rows[0] + local)
+        with ShardReader(run.path / shard.path, run.format, tuple(info.shape), info.dtype) as reader:
+            if reader.n_rows != shard.n_rows:
+                raise RunFormatError(f"shard {shard.path} has {reader.n_rows} rows, the manifest says "
+                                     f"{shard.n_rows}; run `neuronmap runs verify`")
+            if run.format == "hdf5":
+                spans = np.split(local, np.flatnonzero(np.diff(local) != 1) + 1)
+                xs.extend(reader.read("activations", int(g[0]), int(g[-1]) + 1) for g in spans)
+                ids.extend(reader.read("sample_id", int(g[0]), int(g[-1]) + 1) for g in spans)
+            else:
+                lo, hi = int(local[0]), int(local[-1]) + 1
+                xs.append(reader.read("activations", lo, hi)[local - lo])
+                ids.append(reader.read("sample_id", lo, hi)[local - lo])
+    return np.concatenate(xs), np.concatenate(rows).astype(np.int64), np.concatenate(ids).astype(np.int64)

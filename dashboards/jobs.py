@@ -16,7 +16,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from neuronmap.errors import ConfigError, NeuronMapError
 
@@ -73,6 +73,15 @@ class ProgressEngine:
             results.append(fn(item))
             self.job.done += 1
         return results
+
+    def imap(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+        """Results one by one as the inner engine yields them (partials reduced as they arrive)."""
+        from neuronmap.analysis.runner import _imap
+
+        self.job.total += len(items)
+        for result in _imap(self.inner, fn, items):
+            self.job.done += 1
+            yield result
 
 
 class JobManager:

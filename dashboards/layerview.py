@@ -2,7 +2,11 @@
 
 Exact numbers come from artifacts (`stats`, `pca`, `tsne`, `kmeans` of that layer, newest first); without
 them, per-neuron statistics and a PCA projection are computed on the layer's seeded sample of at
-most `data.SAMPLE_ROWS` rows and labelled as such. Every result is cached by the repository.
+most `data.SAMPLE_ROWS` rows and labelled as such. Everything the page derives from the sample (the
+statistics, the PCA projection, the values of the distribution chart and the rows of the heatmap) is
+a `LayerSummary` plus the sample's PCA (`sample_projection`, skipped when a `pca` artifact exists),
+each cached in memory and on disk (`diskcache`), so a second visit, also after a restart, reads no
+shard.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from . import diskcache
 
 STAT_COLUMNS = ("neuron", "mean", "std", "min", "max", "mean_abs", "sparsity", "skewness", "kurtosis")
 
@@ -25,6 +31,91 @@ class Projection:
     method: str
     source: str
     explained: list[float] | None = None
+
+
+HEAT_ROWS = 60
+HEAT_NEURONS = 24
+
+
+@dataclass
+class LayerSummary:
+    """What the Layer explorer derives from a layer's sample besides the projection, in one read of it.
+
+    stats : per-neuron statistics of the sample (`STAT_COLUMNS`)
+    values : at most `viz.MAX_POINTS` activation values (seeded) for the distribution chart
+    heat_x, heat_ids, top : `HEAT_ROWS` seeded rows of the sample (all features) with their sample ids,
+        and the `HEAT_NEURONS` neurons of highest mean |x|, for the heatmap
+    n_rows, n_sample : rows of the layer, rows in the sample
+    """
+
+    stats: pd.DataFrame
+    values: np.ndarray
+    heat_x: np.ndarray
+    heat_ids: np.ndarray
+    top: np.ndarray
+    n_rows: int
+    n_sample: int
+
+
+def summarize(x: np.ndarray, sample_ids: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
+    """The arrays of a `LayerSummary` of the sample `x` (n_sample, n_features) (what the disk cache holds)."""
+    from neuronmap.viz import MAX_POINTS, decimate
+
+    from .reduce import sample_stats
+
+    stats = sample_stats(x)
+    flat = x.reshape(-1)
+    heat = decimate(len(x), HEAT_ROWS, None, 0)
+    top = np.argsort(-stats["mean_abs"].to_numpy(), kind="stable")[:HEAT_NEURONS]
+    return {**{f"stat_{c}": stats[c].to_numpy() for c in stats.columns},
+            "values": flat[decimate(flat.size, MAX_POINTS, None, 0)], "heat_x": x[heat], "heat_ids": sample_ids[heat],
+            "top": top.astype(np.int64), "n_rows": np.asarray(n_rows, dtype=np.int64),
+            "n_sample": np.asarray(len(x), dtype=np.int64)}
+
+
+def _from_sample(repo, run_id: str, layer: str, what: str, compute) -> dict[str, np.ndarray]:
+    """`compute(sample)` for the layer's sample, through memory and the run's disk cache.
+
+    The keys hold the layer's shard digest (`diskcache.run_digest`), so a changed run misses both.
+    """
+    from .data import SAMPLE_ROWS
+
+    run = repo.run(run_id)
+    digest = diskcache.run_digest(run, [layer])
+
+    def load() -> dict[str, np.ndarray]:
+        key = [what, layer, SAMPLE_ROWS, 0, digest]
+        return diskcache.cached(run.path, f"{what}/{layer}", key,
+                                lambda: compute(repo.layer_sample(run_id, layer, max_rows=SAMPLE_ROWS)))
+
+    return repo.derived((str(run.path), digest, layer, what), load)
+
+
+def summary(repo, run_id: str, layer: str) -> LayerSummary:
+    """The layer's `LayerSummary` from memory, else from the run's disk cache, else from a sample read."""
+    arrays = _from_sample(repo, run_id, layer, "summary",
+                          lambda sample: summarize(sample.x, sample.sample_ids, sample.n_rows))
+    stats = pd.DataFrame({c: arrays[f"stat_{c}"] for c in STAT_COLUMNS if f"stat_{c}" in arrays})
+    return LayerSummary(stats, arrays["values"], arrays["heat_x"], arrays["heat_ids"], arrays["top"],
+                        int(arrays["n_rows"]), int(arrays["n_sample"]))
+
+
+def sample_projection(repo, run_id: str, layer: str) -> Projection | None:
+    """PCA of the layer's sample (`reduce.sample_pca`), cached like `summary`; None below 2 components."""
+    from .reduce import sample_pca
+
+    def compute(sample) -> dict[str, np.ndarray]:
+        coords, explained = sample_pca(sample.x, k=3)
+        return {"coords": coords, "rows": sample.rows, "sample_ids": sample.sample_ids,
+                "explained": np.asarray(explained if explained is not None else [], float),
+                "n_rows": np.asarray(sample.n_rows, dtype=np.int64)}
+
+    arrays = _from_sample(repo, run_id, layer, "pca", compute)
+    if arrays["coords"].shape[1] < 2:
+        return None
+    n, total = len(arrays["rows"]), int(arrays["n_rows"])
+    return Projection(arrays["coords"], arrays["rows"], arrays["sample_ids"], "pca",
+                      f"computed on a seeded sample of {n:,} of {total:,} rows", arrays["explained"].tolist() or None)
 
 
 def _key(repo, run_id: str, layer: str, what: str) -> tuple:
@@ -44,12 +135,9 @@ def neuron_stats(repo, run_id: str, layer: str) -> tuple[pd.DataFrame, str]:
             frame = frame[frame["layer"] == layer]
             return frame[[c for c in STAT_COLUMNS if c in frame.columns]].reset_index(drop=True), \
                 f"exact, from artifact {artifact.id}"
-        sample = repo.layer_sample(run_id, layer)
-        x = sample.x.astype(np.float64)
-        frame = pd.DataFrame({"neuron": np.arange(x.shape[1]), "mean": x.mean(0), "std": x.std(0), "min": x.min(0),
-                              "max": x.max(0), "mean_abs": np.abs(x).mean(0), "sparsity": (np.abs(x) < 1e-6).mean(0)})
-        return frame, (f"estimated on a seeded sample of {len(x):,} of {sample.n_rows:,} rows; "
-                       "run the stats analysis for exact values")
+        found = summary(repo, run_id, layer)
+        return found.stats, (f"estimated on a seeded sample of {found.n_sample:,} of {found.n_rows:,} rows; "
+                             "run the stats analysis for exact values")
 
     return repo.derived(_key(repo, run_id, layer, "stats"), compute)
 
@@ -79,27 +167,9 @@ def projection(repo, run_id: str, layer: str, method: str = "pca") -> Projection
             found = from_table(artifact, "projection", "pc", "pca")
             if found is not None:
                 return found
-        sample = repo.layer_sample(run_id, layer)
-        x = sample.x.astype(np.float64)
-        x = x - x.mean(axis=0)
-        k = min(3, x.shape[0], x.shape[1])
-        if k < 2:
-            return None
-        _, s, vt = np.linalg.svd(x, full_matrices=False) if x.shape[1] <= 256 else _randomized(x, k)
-        coords = x @ vt[:k].T
-        total = float((x ** 2).sum())
-        explained = ((s[:k] ** 2) / total).tolist() if total > 0 else None
-        return Projection(coords, sample.rows, sample.sample_ids, "pca",
-                          f"computed on a seeded sample of {len(x):,} of {sample.n_rows:,} rows", explained)
+        return sample_projection(repo, run_id, layer)
 
     return repo.derived(_key(repo, run_id, layer, f"projection-{method}"), compute)
-
-
-def _randomized(x: np.ndarray, k: int):
-    from sklearn.utils.extmath import randomized_svd
-
-    u, s, vt = randomized_svd(x, n_components=k, random_state=0)
-    return u, s, vt
 
 
 def clusters(repo, run_id: str, layer: str) -> tuple[dict[int, int], str] | None:

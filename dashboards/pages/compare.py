@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import dash_bootstrap_components as dbc
 import numpy as np
 from dash import Input, Output, html
@@ -11,6 +9,7 @@ from dash import Input, Output, html
 from neuronmap import viz
 from neuronmap.errors import ConfigError, NeuronMapError
 
+from .. import diskcache, reduce
 from ..components import ANY, card, empty_state, error_state, graph, header, labelled, options, picked
 
 PATH = "/compare"
@@ -43,9 +42,11 @@ def _samples(repo, run_id: str, layers: list[str]):
 
 
 def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, list[str], list[str], str]:
-    """(matrix, row layers, column layers, where the numbers come from)."""
-    from neuronmap.analysis.cka import linear_cka
+    """(matrix, row layers, column layers, where the numbers come from).
 
+    Without a `cka` artifact the matrix is computed on a seeded sample of `SAMPLE` samples
+    (`reduce.linear_cka_matrix`: each layer centred once) and kept in memory and in the run's disk cache.
+    """
     run = repo.run(run_id)
     rows = [l for l in run.layers if run.layer_info(l).kind == "hidden"][:MAX_LAYERS]
     if not other_id or other_id == run_id:
@@ -61,22 +62,31 @@ def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, lis
             raise ConfigError(f"run {other_id} has {other.manifest.n_samples} samples but {run_id} has "
                                  f"{run.manifest.n_samples}: CKA between runs compares the same prompts")
         columns = [l for l in other.layers if other.layer_info(l).kind == "hidden"][:MAX_LAYERS]
+    if not rows or not columns:
+        return np.empty((len(rows), len(columns))), rows, columns, "no hidden layers"
+    same = other_id == run_id
+    other = repo.run(other_id)
+    digests = [diskcache.run_digest(run, rows), diskcache.run_digest(other, columns)]
+
+    def from_samples() -> dict[str, np.ndarray]:
+        mine = _samples(repo, run_id, rows)
+        theirs = mine if same else _samples(repo, other_id, columns)
+        reference = mine[rows[0]].sample_ids
+        aligned = lambda found: [l for l, s in found.items() if np.array_equal(s.sample_ids, reference)]  # noqa: E731
+        left, right = aligned(mine), aligned(theirs)
+        matrix = np.full((len(rows), len(columns)), np.nan)
+        if left and right:
+            part = reduce.linear_cka_matrix([mine[l].x for l in left], None if same else [theirs[l].x for l in right])
+            matrix[np.ix_([rows.index(l) for l in left], [columns.index(l) for l in right])] = part
+        return {"matrix": matrix, "n": np.asarray(len(reference))}
 
     def compute():
-        mine, theirs = _samples(repo, run_id, rows), _samples(repo, other_id, columns)
-        matrix = np.full((len(rows), len(columns)), np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i, a in enumerate(rows):
-                for j, b in enumerate(columns):
-                    x, y = mine[a], theirs[b]
-                    if len(x.x) == len(y.x) and np.array_equal(x.sample_ids, y.sample_ids):
-                        matrix[i, j] = 1.0 if (other_id == run_id and a == b) else linear_cka(x.x, y.x)
-        n = len(next(iter(mine.values())).x)
-        return matrix, f"computed on a seeded sample of {n:,} samples; run `neuronmap analyze RUN cka` for exact values"
+        key = ["cka", rows, columns, SAMPLE, digests]
+        arrays = diskcache.cached(run.path, f"cka/{other_id}", key, from_samples)
+        return arrays["matrix"], (f"computed on a seeded sample of {int(arrays['n']):,} samples; "
+                                  "run `neuronmap analyze RUN cka` for exact values")
 
-    key = ("compare", run_id, str(run.manifest.updated), other_id, str(repo.run(other_id).manifest.updated))
-    matrix, source = repo.derived(key, compute)
+    matrix, source = repo.derived(("compare", run_id, other_id, *digests), compute)
     return matrix, rows, columns, source
 
 

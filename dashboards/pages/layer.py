@@ -52,9 +52,12 @@ def layout(ctx, query: dict) -> html.Div:
         dbc.Col(labelled("Chart", dbc.RadioItems(id="dist-kind", value="histogram", inline=True, options=[
             {"label": "histogram", "value": "histogram"}, {"label": "violin", "value": "violin"}]), "dist-kind"), md=6),
     ], className="g-2")
+    heads = [dbc.Button("View attention heads", href=href("/attention", run=run_id, layer=layer), size="sm",
+                        color="secondary", outline=True)] if info.kind == "pattern" and info.per_token else []
     return html.Div([
         header(f"{layer}", [dcc.Link(run_id, href=href("/run", run=run_id)),
-                            f" · {info.kind} · shape {' x '.join(map(str, info.shape))} · {run.n_rows(layer):,} rows"]),
+                            f" · {info.kind} · shape {' x '.join(map(str, info.shape))} · {run.n_rows(layer):,} rows"],
+               *heads),
         pills,
         dcc.Store(id="layer-key", data={"run": run_id, "layer": layer}),
         dbc.Row([
@@ -138,14 +141,15 @@ def register(app, ctx) -> None:
             values = stats[what].to_numpy()
             title = f"per-neuron {what} · {layer}"
         else:
-            sample = repo.layer_sample(run_id, layer)
-            values = sample.x.ravel()
-            title = f"activation values · {layer} (sample of {len(sample.x):,} rows)"
+            found = layerview.summary(repo, run_id, layer)
+            values = found.values
+            title = f"activation values · {layer} (sample of {found.n_sample:,} rows)"
         return viz.layer_distributions({layer: values}, kind=kind or "histogram", title=title,
                                        value_title="activation" if what == "values" else what)
 
     @app.callback(Output("layer-heatmap", "figure"), Input("layer-key", "data"))
     def heatmap(key):
-        sample = repo.layer_sample(key["run"], key["layer"])
-        return viz.activation_heatmap(sample.x, top_k=24, row_labels=[f"#{int(s)}" for s in sample.sample_ids],
-                                      max_rows=60, title=f"{min(60, len(sample.x))} samples x top 24 neurons by mean |x|")
+        found = layerview.summary(repo, key["run"], key["layer"])
+        return viz.activation_heatmap(found.heat_x, neurons=found.top, row_labels=[f"#{int(s)}" for s in found.heat_ids],
+                                      max_rows=layerview.HEAT_ROWS,
+                                      title=f"{len(found.heat_x)} samples x top {len(found.top)} neurons by mean |x|")

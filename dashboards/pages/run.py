@@ -82,7 +82,11 @@ def layout(ctx, query: dict) -> html.Div:
                                          "maxWidth": "560px", "padding": "4px 8px"},
                              style_header={"fontWeight": "600", "backgroundColor": "#f1f3f5"}),
     ])
-    actions = [dbc.Button("Compare layers", href=href("/compare", run=run_id), color="secondary", outline=True,
+    if ctx.prefetch is not None:
+        ctx.prefetch.schedule(run_id)
+    actions = [dbc.Button("Attention heads", href=href("/attention", run=run_id), color="secondary", outline=True,
+                          size="sm", id="run-attention-link"),
+               dbc.Button("Compare layers", href=href("/compare", run=run_id), color="secondary", outline=True,
                           size="sm"),
                dbc.Button("Launch analysis", href=href("/launch", run=run_id), color="primary", size="sm")]
     return html.Div([

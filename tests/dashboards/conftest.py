@@ -12,7 +12,7 @@ import pytest
 
 CHROMIUM = os.environ.get("NEURONMAP_TEST_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).parent / "screenshots"
-from dashtest_util import RUN_ID  # noqa: E402
+from dashtest_util import HEADS_ID, RUN_ID  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,8 @@ def runs_dir(tmp_path_factory, tiny_model_dir):
         warnings.simplefilter("ignore")
         run = neuronmap.extract(str(tiny_model_dir("gpt2")), prompts, layers="blocks.*", out=root / RUN_ID,
                                 pooling="mean", progress=False)
+        neuronmap.extract(str(tiny_model_dir("gpt2")), prompts.head(6), layers="blocks.*.attn.pattern",
+                          out=root / HEADS_ID, pooling="none", progress=False)
         ids = {"stats": analyze(run, "stats").id,
                "pca": analyze(run, "pca", labels="topic", params={"project": 3}).id,
                "kmeans": analyze(run, "kmeans", labels="topic", params={"k_max": 4}).id}

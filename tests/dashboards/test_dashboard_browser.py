@@ -6,7 +6,7 @@ Screenshots of every page land in tests/dashboards/screenshots/ (ignored by git)
 from __future__ import annotations
 
 import pytest
-from dashtest_util import RUN_ID
+from dashtest_util import HEADS_ID, RUN_ID
 
 pytest.importorskip("dash", reason="the dashboard extra is not installed (pip install -e '.[dashboard]')")
 
@@ -14,6 +14,7 @@ PAGES = [
     ("runs", "/", "#runs-list"),
     ("run", f"/run?run={RUN_ID}", "#layers-table"),
     ("layer", f"/layer?run={RUN_ID}&layer=blocks.1", "#layer-scatter .main-svg"),
+    ("attention", f"/attention?run={HEADS_ID}", "#attention-graph .heatmaplayer"),
     ("compare", f"/compare?run={RUN_ID}", "#compare-graph .main-svg"),
     ("gallery", "/gallery", "#gallery-grid"),
     ("artifact-pca", f"/artifact?run={RUN_ID}&id={{pca}}", "#artifact-graph .main-svg"),
@@ -50,6 +51,19 @@ def test_runs_to_run_to_layer_scatter_shows_points_and_a_clicked_prompt(tab):
     page.wait_for_selector("#point-prompt")
     assert len(page.locator("#point-prompt").inner_text()) > 5
     tab.shot("layer-clicked")
+    assert tab.errors == []
+
+
+def test_head_viewer_draws_the_picked_layer_and_head(tab):
+    page = tab.open(f"/run?run={HEADS_ID}", "#layers-table")
+    page.click("#run-attention-link")
+    page.wait_for_selector("#attention-graph .heatmaplayer")
+    page.select_option("#attention-layer", "blocks.1.attn.pattern")
+    page.select_option("#attention-head", "3")
+    page.wait_for_selector("#attention-caption:has-text('head 3 of 4')")
+    assert "blocks.1.attn.pattern · head 3" in page.locator("#attention-graph .gtitle").text_content()
+    assert page.locator("#attention-graph .heatmaplayer").count() == 1
+    tab.shot("attention-head")
     assert tab.errors == []
 
 

@@ -113,3 +113,18 @@ def test_dashboard_command_binds_loopback_by_default(runs_dir, monkeypatch, tmp_
     assert main(["dashboard", "--runs-dir", str(runs_dir[0]), "--host", "0.0.0.0", "--port", "9000"]) == 0
     assert calls[-1]["host"] == "0.0.0.0" and "no login" in capsys.readouterr().err
     assert main(["dashboard", "--runs-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_progress_engine_streams_results_and_counts_them():
+    """Dashboard jobs hand results over one at a time (bounded memory for stats) and count progress."""
+    from types import SimpleNamespace
+
+    from dashboards.jobs import ProgressEngine
+    from neuronmap.analysis.runner import LocalEngine
+
+    job = SimpleNamespace(total=0, done=0)
+    engine = ProgressEngine(job, LocalEngine())
+    seen = []
+    for value in engine.imap(lambda x: x * x, [1, 2, 3]):
+        seen.append((value, job.done))
+    assert seen == [(1, 1), (4, 2), (9, 3)] and job.total == 3

@@ -31,7 +31,7 @@ def test_visualize_writes_an_offline_html_figure(analysed, tmp_path, capsys):
     out = tmp_path / "pca.html"
     assert main(["visualize", str(run), "pca", "--out", str(out), "--layer", "blocks.2"]) == 0
     page = out.read_text()
-    assert "PCA \\u00b7 blocks.2" in page and "#7: prompt number 7" in page  # prompt text on hover
+    assert ("PCA \\u00b7 blocks.2" in page or "PCA · blocks.2" in page) and "#7: prompt number 7" in page  # hover text
     assert not re.search(r"<script[^>]+src=\"https?:", page)  # plotly.js inlined, nothing fetched
     assert ids["pca"] in capsys.readouterr().out
     by_id = tmp_path / "cka.html"
