@@ -12,6 +12,10 @@ Driver, in order:
 5. merge: check every record against the manifest, drop temp files of killed workers, complete.
 
 A failure marks the run failed (a Ctrl-C leaves it running); both resume by re-running the command.
+
+With `--stages K` the model is cut into K block ranges on a chain of stage actors instead, and the
+driver writes the run (`actors.pipeline_run`): pipeline parallelism for a model too large for one
+device, same run again.
 """
 
 from __future__ import annotations
@@ -53,7 +57,11 @@ def run_ray_extraction(
     workers: int | None = None,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
+    stages: int | None = None,
+    cpus_per_stage: float | None = None,
+    gpus_per_stage: float | None = None,
     on_shard: Callable[[dict], None] | None = None,
+    on_stages: Callable[[list[dict]], None] | None = None,
 ) -> Any:
     """Run `neuronmap.extract` on Ray; the run equals the local engine's (rows, values, manifest).
 
@@ -65,10 +73,38 @@ def run_ray_extraction(
         Fixed number of extraction workers; None autoscales from 1 to what fits the cluster.
     cpus_per_worker, gpus_per_worker : float, optional
         Resources reserved per worker (default 1 CPU, 0 GPUs); a worker's torch uses that many threads.
+    stages : int, optional
+        Pipeline parallelism instead of data parallelism: the model is cut into `stages` contiguous
+        block ranges, one stage actor each (`actors.pipeline_run`); `workers`/`*_per_worker` do not apply.
+    cpus_per_stage, gpus_per_stage : float, optional
+        Resources reserved per stage actor (default 1 CPU, 0 GPUs); only with `stages`.
     on_shard : callable, optional
-        Called on the driver with each shard record (`shard`, `samples`, `host`, `pid`, `paths`, ...)
-        as workers finish shards.
+        Called on the driver with each shard record (`shard`, `samples`, `host`, `pid`, `node`,
+        `paths`, ...) as workers finish shards.
+    on_stages : callable, optional
+        With `stages`: called once with each stage actor's info (blocks, peak RSS, node, CPU seconds).
     """
+    common = dict(model=model, prompts=prompts, layers=layers, out=out, pooling=pooling, format=format, dtype=dtype,
+                  batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
+                  compression=compression, overwrite=overwrite, text_column=text_column,
+                  samples_per_shard=samples_per_shard, progress=progress, address=address)
+    per_worker = {"workers": workers, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker}
+    per_stage = {"cpus_per_stage": cpus_per_stage, "gpus_per_stage": gpus_per_stage}
+    if stages is not None:
+        given = [name for name, value in per_worker.items() if value is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ConfigError(f"{flags} size the data-parallel worker pool and do not apply with --stages; use "
+                              "--cpus-per-stage / --gpus-per-stage, or leave out --stages")
+        from .pipeline_run import run_pipeline_run
+
+        return run_pipeline_run(**common, stages=stages, cpus_per_stage=cpus_per_stage,
+                                gpus_per_stage=gpus_per_stage, on_shard=on_shard, on_stages=on_stages)
+    given = [name for name, value in per_stage.items() if value is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{flags} only apply to pipeline stages; add --stages K or use --cpus-per-worker / "
+                          "--gpus-per-worker")
     from neuronmap.extraction import default_out, new_manifest, progress_bar
     from neuronmap.models import LoadedModel
     from neuronmap.prompts import load_prompts

@@ -29,6 +29,10 @@ PLAN_MAX_RETRIES = 2
 TOKENIZE_CPUS = 0.25
 WORKERS_PER_TOKENIZE_TASK = 4
 MIN_TOKENIZE_TASKS = 2
+# Shards handed to one worker before it finishes one. A shard is seconds to minutes of forward passes
+# and its input is a few KB of token ids, so prefetching buys nothing; a longer queue lets the worker
+# next to the tokenised data (Ray Data prefers it) hoard shards while workers on other nodes idle.
+SHARDS_IN_FLIGHT_PER_WORKER = 1
 # Seconds to wait for a TCP connect to a cluster address before calling it unreachable.
 CONNECT_TIMEOUT_S = 3.0
 # Ray loggers whose INFO/WARNING chatter is not about the user's command.
@@ -149,13 +153,17 @@ def map_workers(ds: Any, worker_cls: type, constructor_kwargs: dict[str, Any], w
 
     `workers` fixes the pool size; None autoscales from 1 to `max_workers`. Workers restart after a
     crash (`WORKER_MAX_RESTARTS`) and the shard in flight is retried (`WORKER_MAX_TASK_RETRIES`).
+    Each worker holds `SHARDS_IN_FLIGHT_PER_WORKER` shard at a time, so shards spread over every
+    worker (and node) of the pool instead of queueing at the one nearest the data.
     """
     import ray.data
 
+    in_flight = SHARDS_IN_FLIGHT_PER_WORKER
     if workers is None:
-        compute = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_workers))
+        compute = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_workers),
+                                             max_tasks_in_flight_per_actor=in_flight)
     else:
-        compute = ray.data.ActorPoolStrategy(size=workers)
+        compute = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=in_flight)
     # Ray 2.60 deprecates passing actor options as **ray_remote_args (removal announced for 2.64) but
     # names no replacement for max_restarts/max_task_retries; its own default is -1 (unbounded), which
     # would retry a shard that kills its worker forever. Keep the bound, silence the notice here.

@@ -94,6 +94,7 @@ class StageWorker:
             self.refs = ModelAdapter(self.model).resolve(list(spec.layers)) if spec.layers else []
             self.pooler = BatchPooler(spec.pooling, STORAGE_DTYPES[spec.dtype], pattern_width=1)
             self.intervals: deque[tuple[float, float, float]] = deque(maxlen=4096)
+            self.busy_s = self.cpu_s = 0.0  # totals over every forward (the deque keeps only recent ones)
         except Exception as error:
             self.failed = WorkerError.wrap(error, doing=f"could not start pipeline stage {spec.index}")
 
@@ -103,7 +104,8 @@ class StageWorker:
             raise self.failed
         report = asdict(self.report)
         report.update(index=self.spec.index, layers=list(self.spec.layers), state_keys=list(self.model.state_dict()),
-                      rss=_rss_bytes(), peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads())
+                      rss=_rss_bytes(), peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads(),
+                      node=ray_node_id(), busy_s=self.busy_s, cpu_s=self.cpu_s)
         return report
 
     def busy_intervals(self) -> list[tuple[float, float, float]]:
@@ -125,7 +127,10 @@ class StageWorker:
             if cap.missing():
                 raise ConfigError(f"layers {', '.join(cap.missing())} did not run in pipeline stage {self.spec.index}")
             captured = {name: value.cpu().numpy() for name, value in cap.outputs.items()}
-            self.intervals.append((began, time.time(), time.process_time() - cpu))
+            span = (began, time.time(), time.process_time() - cpu)
+            self.intervals.append(span)
+            self.busy_s += span[1] - span[0]
+            self.cpu_s += span[2]
             if self.spec.stop:
                 return None, captured
             hidden, context = result
@@ -144,6 +149,16 @@ class StageWorker:
         if self.spec.last:
             hidden = self.runner.finish(self.model, hidden)
         return hidden, context
+
+
+def ray_node_id() -> str | None:
+    """Ray node id of this process (None when it runs outside Ray): where a stage or worker ran."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # pragma: no cover - a Ray without runtime context
+        return None
 
 
 def _rss_bytes() -> dict[str, int]:

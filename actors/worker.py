@@ -104,9 +104,12 @@ def tokenize_shards(table: pa.Table, source: str, max_length: int) -> pa.Table:
         raise WorkerError.wrap(error, doing="could not tokenise") from None
 
 
+# `node` (Ray node id), `cpu_s` (process CPU seconds of the shard) and `peak_rss` (bytes) say where
+# and at what cost a shard was made: multi-node tests and the scale benchmark read them.
 RECORD_SCHEMA = pa.schema([("shard", pa.int64()), ("samples", pa.int64()), ("host", pa.string()),
                            ("pid", pa.int64()), ("paths", pa.list_(pa.string())), ("sha256", pa.list_(pa.string())),
-                           ("seconds", pa.float64())])
+                           ("seconds", pa.float64()), ("node", pa.string()), ("cpu_s", pa.float64()),
+                           ("peak_rss", pa.int64())])
 
 
 class ExtractionWorker:
@@ -158,14 +161,21 @@ class ExtractionWorker:
         from neuronmap.extraction import ExtractionPlan, TokenizedPrompts, commit_shard, extract_shard
         from neuronmap.store import RunWriter
 
-        began = time.perf_counter()
+        from .stage_worker import peak_rss_bytes, ray_node_id
+
+        began, cpu = time.perf_counter(), time.process_time()
         spec, shard = self.spec, int(row["shard"])
         samples = range(int(row["start"]), int(row["stop"]))
         writer = RunWriter.attach(spec.run)
         done = {"shard": shard, "samples": len(samples), "host": self.label.rpartition(":")[0], "pid": os.getpid(),
-                "paths": [], "sha256": []}
+                "paths": [], "sha256": [], "node": ray_node_id()}
+
+        def finished(**fields: Any) -> dict:
+            return {**done, **fields, "seconds": time.perf_counter() - began, "cpu_s": time.process_time() - cpu,
+                    "peak_rss": peak_rss_bytes()}
+
         if all(writer.committed(name, shard) for name in spec.shapes):
-            return {**done, "seconds": time.perf_counter() - began}
+            return finished()
         lengths = np.asarray(row["lengths"], dtype=np.int64)
         flat = np.asarray(row["ids"], dtype=np.int64)
         if len(flat) != lengths.sum():  # the tokenise stage checked every length; this guards the transport
@@ -179,8 +189,7 @@ class ExtractionWorker:
         arrays = extract_shard(self.loaded, plan, tokens, range(0, len(samples)), self.pooler, spec.batch_size)
         records = commit_shard(writer, shard, samples, int(row["row_start"]), arrays,
                                np.asarray(row["sample_id"], dtype=np.int64), lengths, spec.pooling == "none")
-        return {**done, "paths": [r.path for r in records], "sha256": [r.sha256 for r in records],
-                "seconds": time.perf_counter() - began}
+        return finished(paths=[r.path for r in records], sha256=[r.sha256 for r in records])
 
 
 def _quiet_transformers() -> None:

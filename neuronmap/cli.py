@@ -59,7 +59,8 @@ def _quiet_libraries() -> None:
 def extract(
     model: str = typer.Option(..., "--model", "-m", help="Registry name, local folder or hub id."),
     prompts: Path = typer.Option(..., "--prompts", "-p", help="Prompt file: .txt, .jsonl, .csv or .parquet."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create (or resume)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create (or resume), or "
+                             "s3://BUCKET/PREFIX (Parquet runs; endpoint from NEURONMAP_S3_ENDPOINT)."),
     layers: str = typer.Option("blocks.*", "--layers", "-l", help="Layer spec: names, globs, ranges, module:<path>."),
     pooling: str = typer.Option("mean", help="mean | last | first | max | none (per token)."),
     format: str = typer.Option("hdf5", "--format", "-f", help="hdf5 | parquet."),
@@ -80,6 +81,10 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="Ray extraction workers (default: autoscale to what fits)."),
     cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs reserved per Ray worker (default 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs reserved per Ray worker (default 0)."),
+    stages: Optional[int] = typer.Option(None, help="Pipeline parallelism: cut the model into K block ranges, one "
+                                         "Ray actor each (--engine ray; instead of a worker pool)."),
+    cpus_per_stage: Optional[float] = typer.Option(None, help="CPUs reserved per pipeline stage (default 1)."),
+    gpus_per_stage: Optional[float] = typer.Option(None, help="GPUs reserved per pipeline stage (default 0)."),
 ) -> None:
     """Extract activations for every prompt into a run directory (resumes an interrupted run)."""
     from .extraction import extract as run_extract
@@ -90,7 +95,8 @@ def extract(
                       compression=compression, overwrite=overwrite, text_column=text_column,
                       samples_per_shard=samples_per_shard, progress=not (quiet or as_json), engine=engine,
                       address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                      gpus_per_worker=gpus_per_worker)
+                      gpus_per_worker=gpus_per_worker, stages=stages, cpus_per_stage=cpus_per_stage,
+                      gpus_per_stage=gpus_per_stage)
     _show_run(run, as_json)
 
 
@@ -159,7 +165,8 @@ def _run_summary(run: Any) -> dict[str, Any]:
     manifest = run.manifest
     total_bytes = sum(shard.bytes or 0 for shard in manifest.shards)
     return {
-        "path": str(run.path), "status": manifest.status, "error": getattr(manifest, "error", None),
+        "path": str(getattr(run, "url", run.path)),  # a run on object storage shows its s3:// URL
+        "status": manifest.status, "error": getattr(manifest, "error", None),
         "model": manifest.model, "format": manifest.format, "pooling": manifest.pooling, "dtype": manifest.dtype,
         "n_samples": manifest.n_samples, "n_tokens": manifest.n_tokens, "n_truncated": manifest.n_truncated,
         "layers": {name: info.shape for name, info in manifest.layers.items()},

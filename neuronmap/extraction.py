@@ -417,6 +417,9 @@ def extract(
     workers: int | None = None,
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
+    stages: int | None = None,
+    cpus_per_stage: float | None = None,
+    gpus_per_stage: float | None = None,
 ) -> Any:
     """Extract activations of `layers` for every prompt and store them as a run at `out`.
 
@@ -428,8 +431,9 @@ def extract(
         .txt/.jsonl/.csv/.parquet file, or texts in memory; label columns are kept in the run.
     layers : str or list of str
         Canonical names, globs and ranges: `blocks.*`, `blocks.0-5.mlp`, `final`, `module:<path>`.
-    out : path
-        Run directory. Default `runs/<model>-<timestamp>`.
+    out : path or str
+        Run directory. Default `runs/<model>-<timestamp>`. `s3://bucket/prefix` writes a Parquet run to
+        object storage through a local staging folder (`neuronmap.store.remote`).
     pooling : {"mean", "last", "first", "max", "none"}
         How tokens are pooled; `none` stores one row per real token with its `token_index`.
     format : {"hdf5", "parquet"}
@@ -447,6 +451,9 @@ def extract(
     address, workers, cpus_per_worker, gpus_per_worker
         Options of the distributed engines: cluster address (`auto`, `HOST:PORT`, `ray://...`; none
         starts an embedded local cluster), number of workers, CPUs and GPUs reserved per worker.
+    stages, cpus_per_stage, gpus_per_stage
+        Pipeline parallelism on the `ray` engine: the model cut into `stages` contiguous block ranges,
+        one actor each, with these CPUs and GPUs reserved per stage (instead of a worker pool).
 
     Returns
     -------
@@ -469,20 +476,26 @@ def extract(
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard={samples_per_shard} must be >= 1")
 
-    if engine != "local":
-        run_engine = load_engine(engine)
-        return run_engine(
-            model=model, prompts=prompts, layers=layers, out=out, pooling=pooling, format=format, dtype=dtype,
-            batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
-            compression=compression, overwrite=overwrite, text_column=text_column,
-            samples_per_shard=samples_per_shard, progress=progress, address=address, workers=workers,
-            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
-    given = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
-             "gpus_per_worker": gpus_per_worker}
-    if any(value is not None for value in given.values()):
-        names = ", ".join(name for name, value in given.items() if value is not None)
-        raise ConfigError(f"{names} only apply to a distributed engine; pass engine='ray' (--engine ray) "
+    cluster = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
+               "gpus_per_worker": gpus_per_worker, "stages": stages, "cpus_per_stage": cpus_per_stage,
+               "gpus_per_stage": gpus_per_stage}
+    given = {name: value for name, value in cluster.items() if value is not None}
+    if engine == "local" and given:
+        raise ConfigError(f"{', '.join(given)} only apply to a distributed engine; pass engine='ray' (--engine ray) "
                           "or leave them out for the local engine")
+    run_engine = load_engine(engine) if engine != "local" else None
+    options = dict(model=model, prompts=prompts, layers=layers, pooling=pooling, format=format, dtype=dtype,
+                   batch_size=batch_size, max_length=max_length, device=device, model_dtype=model_dtype,
+                   compression=compression, overwrite=overwrite, text_column=text_column,
+                   samples_per_shard=samples_per_shard, progress=progress)
+    from .store.remote import is_remote
+
+    if is_remote(out):  # object storage: this function writes a local staging run, mirrored to the bucket
+        from .store.remote import extract_to_remote
+
+        return extract_to_remote(extract, out, engine=engine, **options, **given)
+    if run_engine is not None:
+        return run_engine(out=out, **options, **given)  # only the cluster options given: engines may lack some
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=model_dtype)
     frame = load_prompts(prompts, text_column=text_column)

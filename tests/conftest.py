@@ -68,3 +68,37 @@ def ray_cluster():
     yield ray.get_runtime_context().gcs_address
     with _ray_options.quiet_logs():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of moto's S3 server on 127.0.0.1 (random port), started on first use, for object-storage tests."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint, monkeypatch, tmp_path, request):
+    """``(bucket name, boto3 client)``: a fresh bucket, with the environment pointing neuronmap at moto
+    (NEURONMAP_S3_ENDPOINT, test credentials) and its staging/cache folders inside tmp_path."""
+    import hashlib
+
+    import boto3
+
+    monkeypatch.setenv("NEURONMAP_S3_ENDPOINT", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("NEURONMAP_STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("NEURONMAP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NEURONMAP_KEEP_STAGING", raising=False)
+    name = f"runs-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name, client

@@ -32,6 +32,7 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
+from ._common import token_id
 
 BLOCK = re.compile(r"^blocks\.\d+$")
 
@@ -160,7 +161,7 @@ class ActivationPatching:
             raise ConfigError(f"clean prompt has {clean_ids.shape[1]} tokens but corrupted prompt has "
                               f"{corrupted_ids.shape[1]}: patching pairs positions, so reword one prompt to the "
                               "same token length")
-        answer, wrong = (self._token_id(token, name) for token, name in zip(self._pair(target), ("answer", "wrong")))
+        answer, wrong = (token_id(self.loaded, token, name) for token, name in zip(self._pair(target), ("answer", "wrong")))
         refs = self._block_refs(layers)
         n = clean_ids.shape[1]
 
@@ -221,22 +222,6 @@ class ActivationPatching:
         if not isinstance(target, (tuple, list)) or len(target) != 2:
             raise ConfigError(f"target={target!r} must be a pair (answer, wrong) of tokens or token ids")
         return target[0], target[1]
-
-    def _token_id(self, token: str | int, what: str) -> int:
-        tokenizer = self.loaded.tokenizer
-        vocab = len(tokenizer)
-        if isinstance(token, (int, np.integer)) and not isinstance(token, bool):
-            if not 0 <= int(token) < vocab:
-                raise ConfigError(f"{what} token id {int(token)} must be in [0, {vocab}) (the vocabulary size)")
-            return int(token)
-        if not isinstance(token, str) or not token:
-            raise ConfigError(f"{what}={token!r} must be a token string or id")
-        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise ConfigError(f"{what} {token!r} is {len(ids)} tokens {pieces}, not one token of the vocabulary: "
-                              "pass a single token (mind the leading space, e.g. ' Paris') or a token id")
-        return int(ids[0])
 
     def _block_refs(self, layers: str | Sequence[str]) -> list:
         refs = self.loaded.adapter.resolve(layers)

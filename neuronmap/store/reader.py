@@ -182,6 +182,12 @@ def open_run(path: str | os.PathLike | Run, require_complete: bool = False) -> R
     if isinstance(path, Run):
         run = path
     else:
+        from .remote import is_remote
+
+        if is_remote(path):  # s3://bucket/prefix: files fetched on first read, sha256 checked
+            from .remote import open_remote_run
+
+            return open_remote_run(path, require_complete=require_complete)
         run = Run(path, load_manifest(path))
     if require_complete and run.manifest.status != "complete":
         detail = f": {run.manifest.error}" if run.manifest.error else ""

@@ -84,6 +84,11 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike, manifest: Manifest | dict, format: str | None = None,
                  compression: str | None = None, overwrite: bool = False):
+        from .remote import is_remote
+
+        if is_remote(path):  # Path("s3://b/p") would quietly become a local folder named "s3:"
+            raise ConfigError(f"{path} is object storage; RunWriter writes local folders: use "
+                              "neuronmap.extract(..., out='s3://...') or --out s3://... (Parquet runs)")
         self.path = Path(path)
         if isinstance(manifest, dict):
             manifest = Manifest.new(**manifest)
