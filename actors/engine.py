@@ -208,8 +208,8 @@ def _pipeline(out: Path, plan: Any, frame: Any, shards: list[range], todo: list[
               for i in todo]
     with options.data_context():
         ds = ray.data.from_arrow(tables)  # one block per shard: shards spread over the workers
-        ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, source=plan.source,
-                                  max_length=plan.max_length)
+        ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, n_shards=len(tables),
+                                  source=plan.source, max_length=plan.max_length)
         ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()

@@ -131,7 +131,7 @@ def plan_task_options(cpus: float, gpus: float) -> dict[str, Any]:
     return dict(num_cpus=cpus, num_gpus=gpus, max_retries=PLAN_MAX_RETRIES)
 
 
-def map_tokenize(ds: Any, fn: Any, max_workers: int, **fn_kwargs: Any) -> Any:
+def map_tokenize(ds: Any, fn: Any, max_workers: int, n_shards: int | None = None, **fn_kwargs: Any) -> Any:
     """Tokenise stage: stateless Ray tasks, one shard (one row) per batch, pyarrow batches.
 
     The task pool is capped (one task per `WORKERS_PER_TOKENIZE_TASK` workers, at least
@@ -143,6 +143,8 @@ def map_tokenize(ds: Any, fn: Any, max_workers: int, **fn_kwargs: Any) -> Any:
     import ray.data
 
     size = max(MIN_TOKENIZE_TASKS, math.ceil(max_workers / WORKERS_PER_TOKENIZE_TASK))
+    if n_shards is not None:  # more tasks than shards only makes Ray Data warn that some cannot start
+        size = max(1, min(size, n_shards))
     return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=fn_kwargs, num_cpus=TOKENIZE_CPUS,
                           compute=ray.data.TaskPoolStrategy(size=size))
 

@@ -31,6 +31,7 @@ from .questions.cli import register as register_generate; register_generate(app)
 from .interventions.cli import register as register_patch; register_patch(app)  # noqa: E402,E702
 from .experiments.cli import register as register_run; register_run(app)  # noqa: E402,E702
 from .attribution.cli import register as register_attribute; register_attribute(app)  # noqa: E402,E702
+from .concepts.cli import register as register_concepts; register_concepts(app)  # noqa: E402,E702
 
 console = Console()
 err_console = Console(stderr=True)

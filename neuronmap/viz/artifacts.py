@@ -20,6 +20,7 @@ from plotly.subplots import make_subplots
 
 from ._common import MAX_POINTS, PALETTE
 from .charts import explained_variance, layer_distributions, layer_evolution, metric_bars, neuron_ranking
+from .concepts import cav_artifact_figure, top_activations_artifact_figure
 from .dendrogram import dendrogram_figure
 from .heatmaps import cka_heatmap, correlation_matrix, matrix_heatmap
 from .scatter import pca_scatter, tsne_scatter
@@ -242,6 +243,7 @@ BUILDERS: dict[str, Callable[..., go.Figure]] = {
     "correlation": _correlation, "cosine": _cosine, "mutual-info": _mutual_info, "stats": _stats,
     "cka": _pairs, "rsa": _pairs, "layer-mi": _pairs, "evolution": _evolution, "entropy": _entropy,
     "intrinsic-dim": _intrinsic,
+    "cav": cav_artifact_figure, "top-activations": top_activations_artifact_figure,
 }
 
 

@@ -188,5 +188,9 @@ def intervention_figure(artifact: Any) -> go.Figure:
         scores = {name: _array(artifact, name) for name in result["methods"]}
         return token_attribution_figure(result["tokens"], scores,
                                         title=f"attribution of {result.get('target_description', result['target'])}")
+    if method in ("tcav", "maximize"):
+        from .concepts import concept_figure
+
+        return concept_figure(artifact)
     raise KeyError(f"no intervention figure for {method!r}; known: trace, patch, ablate, heads, circuit, steer, "
-                   "counterfactual, attribution")
+                   "counterfactual, attribution, tcav, maximize")
