@@ -14,8 +14,8 @@ from typing import Any, Mapping, Protocol
 from neuronmap import __version__
 
 from . import encoding
-from .analysis_jobs import JobManager, validate_analysis
-from .catalog import RunsCatalog, check_id
+from .analysis_jobs import JobManager, check_job_id, validate_analysis
+from .catalog import RunsCatalog
 from .metrics import ServeMetrics
 from .schemas import ApiError, ExtractOutcome
 from .settings import ServeSettings
@@ -110,11 +110,11 @@ class NeuronMapAPI:
         return await self.jobs.submit(run_path, run_id, request)
 
     async def job(self, job_id: str) -> dict:
-        check_id(job_id, "job")
+        check_job_id(job_id)
         info = await self.jobs.get(job_id)
         if info is None:
-            raise ApiError(404, "not_found", f"no job {job_id[:80]!r} (jobs are kept in memory until the server "
-                           "restarts); POST /v1/runs/{run}/analyses starts one")
+            raise ApiError(404, "not_found", f"no job {job_id!r} in any run of the runs directory (its run may have "
+                           "been deleted); POST /v1/runs/{run}/analyses starts one")
         return info
 
     # -- service -----------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The Ray Serve application: thin deployments around the plain classes of this package.
 
 - `ModelServer` (one deployment per served model, `model-<name>`): loads the model once per replica
-  (`neuronmap.load_model`) into an `ExtractionService`; `extract` validates and tokenises a request,
-  then hands it to `extract_batch`, where `@serve.batch` merges concurrent requests into one call.
-- `AnalysisJobs` (one replica): a `JobManager` running analyses on threads, followed by job id.
+  (`neuronmap.load_model`) into an `ExtractionService`; `extract_many(calls)` validates, tokenises and
+  extracts a batch of requests on one worker thread.
+- `AnalysisJobs` (one replica): a `JobManager` running analyses on threads, followed by job id (records
+  kept under each run, so a job is still answered for after a restart).
 - `NeuronMapIngress` (FastAPI ingress): builds a `NeuronMapAPI` over handles to the two above and
-  serves `http.create_app(api)`.
+  serves `http.create_app(api)`. Dynamic batching happens here (`HandleExtractor`, `@serve.batch`):
+  concurrent /v1/extract requests to one model become one `extract_many` call, one handle call per
+  batch instead of one per request (see benchmarks/BENCHMARKS.md, "Serve", for why).
 
 `build_app(args)` is the application builder: `serve_config.yaml` names it as
 `import_path: deployments.app:build_app` with the `ServeSettings` fields as `args`, and
@@ -22,13 +25,13 @@ from typing import Any
 from ray import serve
 
 from . import options
-from .schemas import ExtractOutcome
+from .schemas import ExtractCall, ExtractOutcome
 from .settings import ServeSettings
 
 
 @serve.deployment
 class ModelServer:
-    """One model's replica: `extract(request)` -> ExtractOutcome (errors inside, never raised)."""
+    """One model's replica: `extract_many(calls)` -> one ExtractOutcome per call (errors inside, never raised)."""
 
     def __init__(self, model: str, settings: dict[str, Any]):
         from .extractor import ExtractionService
@@ -37,32 +40,21 @@ class ModelServer:
         self.service = ExtractionService.load(model, device=self.settings.device,
                                               model_dtype=self.settings.model_dtype, limits=self.settings.limits,
                                               forward_batch_size=self.settings.forward_batch_size)
-        options.configure_batching(self.extract_batch, self.settings)
 
-    async def extract(self, texts: list[str], layers: Any, pooling: str, dtype: str) -> ExtractOutcome:
-        from neuronmap.errors import NeuronMapError
-
-        try:
-            job = await asyncio.to_thread(self.service.prepare, texts, layers, pooling, dtype)
-        except NeuronMapError as error:
-            return ExtractOutcome.failure(400, "bad_request", " ".join(str(error).split()))
-        if self.settings.batching.enabled:
-            return await self.extract_batch(job)
-        return (await asyncio.to_thread(self.service.run, [job]))[0]
-
-    @serve.batch(**options.BATCH_DECORATOR)
-    async def extract_batch(self, jobs: list[Any]) -> list[ExtractOutcome]:
-        return await asyncio.to_thread(self.service.run, jobs)
+    async def extract_many(self, calls: list[ExtractCall]) -> list[ExtractOutcome]:
+        """A batch of requests (merged by the ingress): validated, tokenised and extracted on one thread."""
+        return await asyncio.to_thread(self.service.answer, calls)
 
 
 @serve.deployment
 class AnalysisJobs:
-    """The job runner (exactly one replica: job state lives in its memory)."""
+    """The job runner (exactly one replica: running jobs live on its threads; their records under each run)."""
 
     def __init__(self, settings: dict[str, Any]):
         from .analysis_jobs import JobManager
 
-        self.manager = JobManager(workers=ServeSettings.parse(settings).job_workers)
+        parsed = ServeSettings.parse(settings)
+        self.manager = JobManager(workers=parsed.job_workers, runs_dir=parsed.runs_dir)
 
     def submit(self, run_path: str, run_id: str, request: dict[str, Any]) -> dict[str, Any]:
         return self.manager.submit(run_path, run_id, request)
@@ -72,17 +64,39 @@ class AnalysisJobs:
 
 
 class HandleExtractor:
-    """`api.Extractor` over a ModelServer handle."""
+    """`api.Extractor` over a ModelServer handle: concurrent requests ride in one handle call.
 
-    def __init__(self, handle: Any):
+    With batching on, `serve.batch` gathers the requests this ingress replica receives within
+    `batch_wait_timeout_s` (up to `max_batch_size`) and sends them as one `extract_many` call, so the
+    model replica pays its per-call costs (Serve's request handling, a thread hop, tokeniser and model
+    locks) once per batch rather than once per request. Up to `concurrent_batches` batches are in
+    flight at once, so transfers overlap the model's work. With batching off each request is a call.
+    """
+
+    def __init__(self, handle: Any, batching: Any = None, concurrent_batches: int = 1):
         self.handle = handle
+        self._batched = None
+        if batching is not None and batching.enabled:
+            async def send_batch(calls: list[ExtractCall]) -> list[ExtractOutcome]:
+                return await self._send(calls)
+
+            self._batched = serve.batch(max_batch_size=batching.max_batch_size,
+                                        batch_wait_timeout_s=batching.batch_wait_timeout_s,
+                                        max_concurrent_batches=concurrent_batches)(send_batch)
 
     async def __call__(self, texts: list[str], layers: Any, pooling: str, dtype: str) -> ExtractOutcome:
+        call = ExtractCall(texts, layers, pooling, dtype)
+        if self._batched is not None:
+            return await self._batched(call)
+        return (await self._send([call]))[0]
+
+    async def _send(self, calls: list[ExtractCall]) -> list[ExtractOutcome]:
         try:
-            return await self.handle.extract.remote(texts, layers, pooling, dtype)
+            return await self.handle.extract_many.remote(list(calls))
         except Exception as error:  # noqa: BLE001 - a replica that died or cannot be reached: retryable
-            return ExtractOutcome.failure(503, "unavailable", "the model replica did not answer "
-                                          f"({type(error).__name__}); retry shortly")
+            failure = ExtractOutcome.failure(503, "unavailable", "the model replica did not answer "
+                                             f"({type(error).__name__}); retry shortly")
+            return [failure] * len(calls)
 
 
 class HandleJobs:
@@ -117,7 +131,14 @@ class NeuronMapIngress:
 
         self.settings = ServeSettings.parse(settings)
         configure_audit_log(self.settings.audit_log)
-        extractors = {name: HandleExtractor(handle) for name, handle in models.items()}
+        if self.settings.rate_limit_per_minute and self.settings.ingress_replicas > 1:
+            logging.getLogger("neuronmap.serve").warning(
+                "rate limits are kept per ingress replica: with %d replicas a key may reach %d x %g requests a "
+                "minute", self.settings.ingress_replicas, self.settings.ingress_replicas,
+                self.settings.rate_limit_per_minute)
+        concurrent = options.concurrent_batches(self.settings)
+        extractors = {name: HandleExtractor(handle, self.settings.batching, concurrent)
+                      for name, handle in models.items()}
         self.api = NeuronMapAPI(self.settings, extractors, HandleJobs(jobs))
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -29,7 +29,7 @@ from neuronmap.extraction import (STORAGE_DTYPES, BatchPooler, ExtractionPlan, T
 from neuronmap.models.layerspec import split_spec
 from neuronmap.pooling import check_pooling
 
-from .schemas import ExtractOutcome
+from .schemas import ExtractCall, ExtractOutcome
 from .settings import Limits
 
 # A layer range may name at most this many indices (`blocks.0-99999999` is refused before expansion).
@@ -208,11 +208,26 @@ class ExtractionService:
             text += n
         return outcomes
 
+    def answer(self, calls: Sequence[ExtractCall]) -> list[ExtractOutcome]:
+        """prepare + run for a batch of requests, on the caller's thread, in one go.
+
+        A model replica gets a whole batch in one call (the ingress merges concurrent requests), so
+        validation and tokenisation of every request share that one thread hop rather than paying one
+        each. A request the model cannot serve gets its 400 outcome; the others are extracted together.
+        """
+        outcomes: list[ExtractOutcome | None] = [None] * len(calls)
+        jobs, positions = [], []
+        for position, call in enumerate(calls):
+            try:
+                jobs.append(self.prepare(call.texts, call.layers, call.pooling, call.dtype))
+                positions.append(position)
+            except NeuronMapError as error:
+                outcomes[position] = ExtractOutcome.failure(400, "bad_request", " ".join(str(error).split()))
+        for position, outcome in zip(positions, self.run(jobs) if jobs else []):
+            outcomes[position] = outcome
+        return outcomes  # type: ignore[return-value]
+
     def extract(self, texts: Sequence[str], layers: str | Sequence[str] = "blocks.*", pooling: str = "mean",
                 dtype: str = "float32") -> ExtractOutcome:
         """prepare + run for a single request (errors come back as a failed outcome, never raised)."""
-        try:
-            job = self.prepare(texts, layers, pooling, dtype)
-        except NeuronMapError as error:
-            return ExtractOutcome.failure(400, "bad_request", str(error))
-        return self.run([job])[0]
+        return self.answer([ExtractCall(list(texts), layers, pooling, dtype)])[0]

@@ -13,6 +13,12 @@ HTTP request, in order:
 Whatever the outcome, one audit line (`neuronmap.serve.audit` logger: key id, method, route
 template, status, latency) and the request metrics are recorded. `ApiKeys` and `RateLimiter` are
 plain classes with an injectable clock, unit-tested without HTTP.
+
+The token buckets live in the memory of each ingress replica, so the limit holds per replica: with
+`ingress_replicas: N` a key whose requests the proxy spreads over every replica gets up to N times
+the rate (the default, one ingress replica, enforces it exactly). A bucket shared by all replicas
+would be one more actor round trip on every request, which on the loopback benchmark costs about
+what the whole handle call to a model replica does (benchmarks/BENCHMARKS.md, "Serve").
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ JOBS_ACTOR_OPTIONS = {"num_cpus": 0.5}
 JOBS_MAX_ONGOING = 256
 # A model replica must hold enough requests in flight for `@serve.batch` to fill its batches.
 MODEL_MIN_ONGOING = 128
-# `@serve.batch` decorator defaults; the settings' values are applied per replica by `configure_batching`.
-BATCH_DECORATOR = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+# Model batches in flight per model replica (from each ingress replica): 2 lets the next batch travel
+# while the model computes the current one.
+BATCHES_PER_MODEL_REPLICA = 2
 # How long the CLI waits for replicas to come up before `serve.run` gives up.
 START_TIMEOUT_S = 300
 
@@ -47,7 +48,8 @@ def model_deployment_name(model: str, taken: set[str] | None = None) -> str:
 
 
 def ingress_options(settings: ServeSettings) -> dict[str, Any]:
-    return dict(name=INGRESS_NAME, num_replicas=settings.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+    ongoing = max(INGRESS_MAX_ONGOING, settings.batching.max_batch_size * concurrent_batches(settings))
+    return dict(name=INGRESS_NAME, num_replicas=settings.ingress_replicas, max_ongoing_requests=ongoing,
                 ray_actor_options=dict(INGRESS_ACTOR_OPTIONS))
 
 
@@ -70,10 +72,15 @@ def model_options(settings: ServeSettings, name: str) -> dict[str, Any]:
     return options
 
 
-def configure_batching(handler: Any, settings: ServeSettings) -> None:
-    """Apply the settings' batch size and wait to a `@serve.batch` method of this replica."""
-    handler.set_max_batch_size(settings.batching.max_batch_size)
-    handler.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+def concurrent_batches(settings: ServeSettings) -> int:
+    """Model batches one ingress replica keeps in flight per model: the setting, else BATCHES_PER_MODEL_REPLICA
+    per model replica."""
+    if settings.batching.max_concurrent_batches:
+        return settings.batching.max_concurrent_batches
+    replicas = settings.model_replicas
+    if settings.model_autoscaling:
+        replicas = int(settings.model_autoscaling.get("max_replicas") or replicas)
+    return max(1, BATCHES_PER_MODEL_REPLICA * replicas)
 
 
 def http_options(host: str, port: int) -> dict[str, Any]:

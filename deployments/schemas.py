@@ -8,7 +8,7 @@ written into the schema, so /openapi.json tells clients (and schemathesis) what 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -149,10 +149,14 @@ class AnalysisRequest(_Body):
 
 
 class JobInfo(BaseModel):
-    id: str
+    id: str = Field(description="32 hex digits")
     run: str
     analysis: str
-    state: JobState
+    layers: Optional[Union[str, list[str]]] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    labels: Optional[str] = None
+    state: JobState = Field(description="a job that was queued or running when the server stopped is failed, "
+                            "with error 'interrupted by a restart; submit it again'")
     progress: float = Field(ge=0, le=1)
     tasks_done: int
     tasks_total: Optional[int] = None
@@ -163,6 +167,7 @@ class JobInfo(BaseModel):
     created: str
     started: Optional[str] = None
     finished: Optional[str] = None
+    updated: Optional[str] = None
 
 
 class Health(BaseModel):
@@ -171,6 +176,15 @@ class Health(BaseModel):
     models: list[str]
     runs_dir: str
     auth: bool
+
+
+class ExtractCall(NamedTuple):
+    """One /v1/extract request as the ingress hands it to a model replica (plain, cheap to pickle)."""
+
+    texts: list[str]
+    layers: Any
+    pooling: str
+    dtype: str
 
 
 @dataclass

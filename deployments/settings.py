@@ -33,11 +33,16 @@ class _Strict(BaseModel):
 
 
 class BatchingSettings(_Strict):
-    """Dynamic batching of /v1/extract requests in each model replica (`@serve.batch`)."""
+    """Dynamic batching of /v1/extract requests: each ingress replica merges concurrent requests to one
+    model (`@serve.batch`) into one call to a model replica."""
 
     enabled: bool = True
     max_batch_size: int = Field(32, ge=1, le=1024, description="requests merged into one model call")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1.0, description="longest wait for a batch to fill")
+    max_concurrent_batches: Optional[int] = Field(
+        None, ge=1, le=1024, description="model calls one ingress replica keeps in flight per model; default 2 per "
+        "model replica (model_replicas, or model_autoscaling's max_replicas): set it when a deployment override "
+        "in serve_config.yaml changes the model's replicas")
 
 
 class Limits(_Strict):
@@ -67,7 +72,8 @@ class ServeSettings(_Strict):
     auth: Literal["auto", "on", "off"] = "auto"
     api_keys_file: Optional[str] = None
     api_key_hashes: dict[str, str] = Field(default_factory=dict, description="key id -> sha256 hex of the key")
-    rate_limit_per_minute: float = Field(0, ge=0, description="requests per minute per key; 0 = no limit")
+    rate_limit_per_minute: float = Field(0, ge=0, description="requests per minute per key and per ingress "
+                                         "replica (each replica keeps its own buckets); 0 = no limit")
     rate_limit_burst: Optional[int] = Field(None, ge=1, description="bucket size; default max(1, rate/6)")
     audit_log: Optional[str] = Field(None, description="also append audit lines to this file")
     model_replicas: int = Field(1, ge=1)

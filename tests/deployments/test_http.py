@@ -185,7 +185,8 @@ def test_bad_analysis_requests_are_400(open_app, body, words):
     response = httpx.post(f"{open_app.url}/v1/runs/demo/analyses", json=body)
     assert response.status_code == 400, response.text
     assert words in response.json()["message"]
-    assert httpx.get(f"{open_app.url}/v1/jobs/0123456789abcdef").status_code == 404
+    assert httpx.get(f"{open_app.url}/v1/jobs/{'0123456789abcdef' * 2}").status_code == 404
+    assert httpx.get(f"{open_app.url}/v1/jobs/0123456789abcdef").status_code == 400  # not a job id
 
 
 def raw_get(base: str, path: str) -> tuple[int, dict]:

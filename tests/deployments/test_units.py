@@ -112,6 +112,29 @@ def test_arrow_round_trip_per_token():
     assert meta["text_index"].tolist() == [0, 0, 1, 1, 1] and meta["token_index"].tolist() == [0, 1, 0, 1, 2]
 
 
+def test_json_numbers_read_back_to_the_same_floats():
+    """Shortest float32/float16 text per value: parsed by the stdlib and cast back, the arrays are equal."""
+    import json
+
+    rng = np.random.default_rng(0)
+    arrays = {"blocks.0": rng.standard_normal((5, 7)).astype(np.float32) * 1e3,
+              "blocks.1": rng.standard_normal((5, 2, 3)).astype(np.float16)}
+    arrays["blocks.0"][0, 0] = np.float32(1e-38)
+    arrays["blocks.0"][1, 1] = np.nan  # non-finite values are null
+    outcome = ExtractOutcome(arrays=arrays, lengths=np.array([2, 3]), n_truncated=1)
+    body = json.loads(encoding.encode_json("m", "none", "float32", outcome))
+    assert body["n_tokens"] == [2, 3] and body["n_truncated"] == 1 and body["n_texts"] == 2
+    assert body["text_index"] == [0, 0, 1, 1, 1] and body["token_index"] == [0, 1, 0, 1, 2]
+    for name, array in arrays.items():
+        layer = body["layers"][name]
+        assert layer["shape"] == list(array.shape) and layer["dtype"] == str(array.dtype)
+        back = np.array(layer["data"], dtype=np.float64)  # null -> nan
+        np.testing.assert_array_equal(back.astype(array.dtype), array)
+    pooled = json.loads(encoding.encode_json("m", "mean", "float32", ExtractOutcome(
+        arrays={"final": np.ones((2, 4), np.float32)[:, ::2]}, lengths=np.array([3, 1]))))  # a strided view
+    assert pooled["text_index"] is None and pooled["layers"]["final"]["data"] == [[1.0, 1.0], [1.0, 1.0]]
+
+
 @pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a/b", "/etc", "a..b", "", "x" * 201, "a\x00b"])
 def test_check_id_refuses_anything_but_a_plain_name(bad):
     with pytest.raises(ApiError) as caught:
@@ -163,6 +186,34 @@ def test_merged_batch_equals_separate_extractions(service, tiny_model_dir, tmp_p
     np.testing.assert_allclose(second, pattern[1:, ..., : second.shape[-1]], rtol=1e-5, atol=1e-6)
     assert not pattern[1:, ..., second.shape[-1]:].any()
     assert outcomes[2].arrays["blocks.2"].shape == (3, 64)
+
+
+def test_a_batch_of_calls_answers_each_in_order_and_refuses_only_the_bad_one(service, tiny_model_dir, tmp_path):
+    """`answer` (one model call per ingress batch): bad requests get their 400, the rest share the forward."""
+    import neuronmap
+    from deployments.schemas import ExtractCall
+
+    texts = ["The cat sat on the mat.", "Dogs bark.", "Why is the sky blue?"]
+    reference = neuronmap.extract(str(tiny_model_dir("gpt2")), texts, layers="blocks.1", out=tmp_path / "r",
+                                  pooling="mean")
+    calls = [ExtractCall([texts[0]], "blocks.1", "mean", "float32"), ExtractCall(["x"], "blocks.9", "mean", "float32"),
+             ExtractCall(texts[1:], "blocks.1", "mean", "float32")]
+    first, bad, rest = service.answer(calls)
+    assert bad.error_status == 400 and "unknown layer" in bad.error_message and "\n" not in bad.error_message
+    assert first.error_status is None and first.batch_requests == rest.batch_requests == 2
+    got = np.concatenate([first.arrays["blocks.1"], rest.arrays["blocks.1"]])
+    np.testing.assert_allclose(got, reference.array("blocks.1"), rtol=1e-5, atol=1e-6)
+
+
+def test_ingress_keeps_two_model_calls_in_flight_per_model_replica():
+    from deployments import options
+
+    assert options.concurrent_batches(ServeSettings()) == 2
+    assert options.concurrent_batches(ServeSettings(model_replicas=3)) == 6
+    assert options.concurrent_batches(ServeSettings(model_autoscaling={"min_replicas": 1, "max_replicas": 4})) == 8
+    assert options.concurrent_batches(ServeSettings(batching={"max_concurrent_batches": 5}, model_replicas=3)) == 5
+    wide = ServeSettings(batching={"max_batch_size": 1024})
+    assert options.ingress_options(wide)["max_ongoing_requests"] >= 1024 * 2  # serve.batch can fill its batches
 
 
 @pytest.mark.parametrize("layers, words", [
