@@ -1,7 +1,8 @@
 """Shard files: one HDF5 or Parquet file per (layer, shard index), readable without neuronmap.
 
 HDF5 shard (`part-NNNNN.h5`):
-    dataset `activations`  shape (rows, *feature_shape), chunked by rows, optional gzip/lzf
+    dataset `activations`  shape (rows, *feature_shape): contiguous when uncompressed (written with one
+                           pwrite at the offset HDF5 allocated), chunked by rows with gzip/lzf
     dataset `sample_id`    int64 (rows,)
     dataset `token_index`  int32 (rows,), per-token layers only
     file attrs             layer, shape, dtype, rows, samples, neuronmap_schema_version
@@ -10,19 +11,22 @@ Parquet shard (`part-NNNNN.parquet`):
     of prod(feature_shape) values per row, C order; schema metadata `neuronmap.shape` (JSON list),
     `neuronmap.layer`, `neuronmap.dtype`.
 
-Writers here write to the path they are given and fsync it; making that write atomic (temp name,
-rename, manifest) is the RunWriter's job.
+Writers here write to the path they are given, fsync it and return its sha256 and size; making
+that write atomic (temp name, rename, manifest) is the RunWriter's job.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -49,9 +53,14 @@ def check_compression(format: str, compression: str | None) -> str | None:
     return compression
 
 
+def _hasher():
+    """A fresh sha256 (the run format's shard digest, DESIGN.md)."""
+    return hashlib.sha256()
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    digest = _hasher()
     with open(path, "rb") as fh:
         while chunk := fh.read(block):
             digest.update(chunk)
@@ -76,13 +85,120 @@ def write_shard_file(
     token_index: np.ndarray | None,
     compression: str | None = None,
     attrs: dict | None = None,
-) -> None:
-    """Write one shard file at `path` and fsync it. Arrays must already be validated and cast."""
+) -> tuple[str, int]:
+    """Write one shard file at `path`, fsync it; return its (hex sha256, size in bytes).
+
+    Arrays must already be validated and cast.
+    """
+    if format == "hdf5" and compression is None:
+        return _write_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs or {})
     if format == "hdf5":
         _write_hdf5(path, layer, activations, sample_ids, token_index, compression, attrs or {})
     else:
         _write_parquet(path, layer, activations, sample_ids, token_index, compression, attrs or {})
     fsync_file(path)
+    return sha256_file(path), os.path.getsize(path)
+
+
+def _h5_attrs(f: h5py.File, layer: str, activations: np.ndarray, attrs: dict) -> None:
+    f.attrs["layer"] = layer
+    f.attrs["shape"] = json.dumps(list(activations.shape[1:]))
+    f.attrs["dtype"] = activations.dtype.name
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def _write_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs) -> tuple[str, int]:
+    """An uncompressed shard: HDF5 writes only the metadata, the activation bytes go in with pwrite.
+
+    The `activations` dataset is contiguous with its space allocated at creation and never filled,
+    so after HDF5 closes the file the dataset is a hole at a known offset (`get_offset`). One pwrite
+    of the array's own bytes fills it: no HDF5 type-conversion or chunk copies, no HDF5 code in the
+    way of a failed write (a full disk is a plain OSError from pwrite, and HDF5 never sees it), and
+    the GIL released, so the layers of a shard are written in parallel. The digest is computed from
+    the file's metadata bytes (read back: a few KB) and the array in memory (the bytes just written),
+    so the activations are never read back. The file is an ordinary HDF5 file: plain h5py reads it.
+    """
+    data = np.ascontiguousarray(activations)
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    tokens = None if token_index is None else np.asarray(token_index, dtype=np.int32)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    payload = data.nbytes + ids.nbytes + (0 if tokens is None else tokens.nbytes)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
+    _reserve(path, payload + (256 << 10))  # a full disk fails here, before HDF5 has the file open
+    try:
+        with h5py.File(path, "w") as f:  # truncates: the file is HDF5's metadata and the dataset's hole
+            _h5_attrs(f, layer, data, attrs)
+            dataset = f.create_dataset("activations", shape=data.shape, dtype=data.dtype, dcpl=dcpl,
+                                       track_times=False)  # same arrays -> same bytes -> same digest
+            f.create_dataset("sample_id", data=ids, track_times=False)
+            if tokens is not None:
+                f.create_dataset("token_index", data=tokens, track_times=False)
+            offset = dataset.id.get_offset() if data.size else None
+    except RuntimeError as error:  # HDF5 reports failed writes (errno = 28, ...) as RuntimeError
+        raise OSError(f"HDF5 write failed: {_one_line(error)}") from error
+    view = memoryview(data.reshape(-1)).cast("B")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        digest = _hasher()
+        if offset is None:  # no rows: HDF5 wrote everything
+            digest.update(_pread_all(fd, 0, size))
+        else:
+            if offset + len(view) > size:
+                raise OSError(f"HDF5 allocated {size} bytes for {path}, fewer than the activations need")
+            _reserve_range(fd, offset, len(view))  # the hole's blocks, so the pwrite cannot run out of space
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:done + (64 << 20)], offset + done)
+            start_writeback(fd)  # the disk works while the bytes are hashed; the fsync below waits less
+            digest.update(_pread_all(fd, 0, offset))
+            digest.update(view)
+            digest.update(_pread_all(fd, offset + len(view), size - offset - len(view)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), size
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's sync_file_range (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk now, without waiting (Linux; elsewhere nothing).
+
+    An fsync later then only waits for what is still in flight. The kernel otherwise starts
+    writeback only at the fsync, so the time spent hashing between write and fsync is lost to the
+    disk: with this the per-token store runs at the speed of a raw write + fsync (benchmarks/).
+    Errors are ignored: the fsync that follows reports any real one.
+    """
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: the whole file, asynchronously
+
+
+def _pread_all(fd: int, offset: int, length: int) -> bytes:
+    parts, done = [], 0
+    while done < length:
+        part = os.pread(fd, length - done, offset + done)
+        if not part:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def _write_hdf5(path, layer, activations, sample_ids, token_index, compression, attrs) -> None:
@@ -116,11 +232,7 @@ def _write_hdf5(path, layer, activations, sample_ids, token_index, compression, 
     try:
         with h5py.File(path, "w") as f:  # truncates, freeing the probe; reserve again under HDF5
             reserved = _reserve(path, reserve)
-            f.attrs["layer"] = layer
-            f.attrs["shape"] = json.dumps(list(feature))
-            f.attrs["dtype"] = activations.dtype.name
-            for key, value in attrs.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+            _h5_attrs(f, layer, activations, attrs)
             dataset = f.create_dataset("activations", shape=activations.shape, dtype=activations.dtype, **options)
             if rows > 0:
                 dataset[...] = activations
@@ -140,18 +252,24 @@ def _write_hdf5(path, layer, activations, sample_ids, token_index, compression, 
 
 def _reserve(path, size: int) -> bool:
     """Reserve `size` bytes for `path` (False where the filesystem cannot); ENOSPC raises OSError."""
-    if not hasattr(os, "posix_fallocate"):
-        return False
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.posix_fallocate(fd, 0, size)
+        return _reserve_range(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _reserve_range(fd: int, offset: int, size: int) -> bool:
+    """Allocate bytes [offset, offset + size) of an open file (False where the filesystem cannot)."""
+    if not hasattr(os, "posix_fallocate") or size <= 0:
+        return False
+    try:
+        os.posix_fallocate(fd, offset, size)
         return True
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         return False  # EOPNOTSUPP, EINVAL, ...: write without a reservation
-    finally:
-        os.close(fd)
 
 
 def _write_parquet(path, layer, activations, sample_ids, token_index, compression, attrs) -> None:

@@ -6,7 +6,7 @@ Commit protocol for one shard (what makes a crash or a full disk harmless):
 3. rewrite `manifest.json` atomically with the new ShardRecord.
 The manifest therefore never lists a shard that is not whole on disk. `write_shards` commits one
 shard index of many layers at once: the files are written, fsynced and hashed on a small thread
-pool (fsync and sha256 release the GIL, so they overlap the next file's write), then renamed
+pool (pwrite, fsync and sha256 release the GIL, so the layers proceed in parallel), then renamed
 together under one lock with one manifest rewrite: per shard that saves 2 fsyncs per layer, which
 is most of what a commit costs next to a raw write. Any OSError on the way removes
 the temp file and raises a one-line StorageError; re-running the same command resumes.
@@ -39,7 +39,7 @@ from .manifest import (
     coverage_problems, fsync_dir, load_manifest, neuronmap_version, now_iso, shard_relpath, storage_error,
     write_manifest,
 )
-from .shards import check_compression, sha256_file, write_shard_file
+from .shards import check_compression, write_shard_file
 from .validate import as_index, check_shard
 
 try:
@@ -185,9 +185,9 @@ class RunWriter:
         tmp = self._tmp_name(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            write_shard_file(tmp, manifest.format, layer, args.activations, args.sample_ids, args.token_index,
-                             manifest.compression, attrs={"rows": list(args.rows), "samples": list(args.samples)})
-            digest, size = sha256_file(tmp), tmp.stat().st_size
+            digest, size = write_shard_file(tmp, manifest.format, layer, args.activations, args.sample_ids,
+                                            args.token_index, manifest.compression,
+                                            attrs={"rows": list(args.rows), "samples": list(args.samples)})
         except OSError as error:
             _remove(tmp)
             raise storage_error(error, final) from None
@@ -218,9 +218,9 @@ class RunWriter:
         def write_one(args: Any) -> tuple[str, int]:
             tmp = temps[args.relpath]
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            write_shard_file(tmp, manifest.format, args.layer, args.activations, args.sample_ids, args.token_index,
-                             manifest.compression, attrs={"rows": list(args.rows), "samples": list(args.samples)})
-            return sha256_file(tmp), tmp.stat().st_size
+            return write_shard_file(tmp, manifest.format, args.layer, args.activations, args.sample_ids,
+                                    args.token_index, manifest.compression,
+                                    attrs={"rows": list(args.rows), "samples": list(args.samples)})
 
         try:
             with ThreadPoolExecutor(max_workers=min(SHARD_THREADS, len(checked)),

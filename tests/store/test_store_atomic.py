@@ -27,7 +27,19 @@ def _next_shard(written, layer="blocks.0"):
                 sample_ids=written.sample_ids[rows[0] : rows[1]])
 
 
+def _half_then_fail_pwrite(monkeypatch):
+    """The uncompressed HDF5 path: HDF5 writes the metadata, one pwrite the activations."""
+    original = os.pwrite
+
+    def write_half_then_fail(fd, data, offset):
+        original(fd, memoryview(data)[: len(data) // 2], offset)  # some bytes really reach the file
+        raise _disk_full()
+
+    monkeypatch.setattr(os, "pwrite", write_half_then_fail)
+
+
 def _half_then_fail_hdf5(monkeypatch):
+    """The compressed HDF5 path: HDF5 writes everything."""
     original = h5py.Dataset.__setitem__
 
     def write_half_then_fail(self, key, value):
@@ -49,13 +61,15 @@ def _half_then_fail_parquet(monkeypatch):
     monkeypatch.setattr(pq, "write_table", write_some_then_fail)
 
 
-@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
-def test_disk_full_mid_write_leaves_nothing_behind(tmp_path, monkeypatch, fmt):
-    written = write_run(tmp_path / "run", format=fmt, complete=False, n_shards_to_write=1)
+@pytest.mark.parametrize("fmt,compression,fail", [("hdf5", None, _half_then_fail_pwrite),
+                                                  ("hdf5", "gzip", _half_then_fail_hdf5),
+                                                  ("parquet", None, _half_then_fail_parquet)])
+def test_disk_full_mid_write_leaves_nothing_behind(tmp_path, monkeypatch, fmt, compression, fail):
+    written = write_run(tmp_path / "run", format=fmt, compression=compression, complete=False, n_shards_to_write=1)
     before_manifest = (tmp_path / "run" / "manifest.json").read_bytes()
     before_files = listing(tmp_path / "run")
-    writer = RunWriter(tmp_path / "run", make_manifest(), format=fmt)
-    (_half_then_fail_hdf5 if fmt == "hdf5" else _half_then_fail_parquet)(monkeypatch)
+    writer = RunWriter(tmp_path / "run", make_manifest(), format=fmt, compression=compression)
+    fail(monkeypatch)
 
     with pytest.raises(StorageError, match="disk full while writing .*part-00001.* re-run the same command") as info:
         writer.write_shard("blocks.0", 1, **_next_shard(written))

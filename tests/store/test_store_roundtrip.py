@@ -25,7 +25,7 @@ def _plain_read(path, fmt, shape):
     if fmt == "hdf5":
         with h5py.File(path, "r") as f:
             tokens = f["token_index"][...] if "token_index" in f else None
-            assert f["activations"].chunks is not None
+            assert f["activations"].chunks is None  # uncompressed: contiguous, filled with one pwrite
             return f["activations"][...], f["sample_id"][...], tokens
     table = pq.read_table(path)
     assert json.loads(table.schema.metadata[b"neuronmap.shape"]) == list(shape)
