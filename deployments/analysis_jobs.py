@@ -13,7 +13,9 @@ running. After a restart `get` finds the file by id. A record left `queued`/`run
 that is gone (same host and its pid no longer runs the process that wrote it, or no heartbeat for
 `STALE_AFTER_S`, which also covers another host) is reported, and rewritten, as `failed`:
 "interrupted by a restart; submit it again". Job ids are 32 hex digits (`check_job_id`), so an id
-from a URL is never a path.
+from a URL is never a path. Records do not pile up: whenever a job ends, its run's finished records
+beyond the newest `KEEP_FINISHED_PER_RUN`, or older than `KEEP_FINISHED_S`, are removed
+(`JobStore.prune`; queued and running records never are). The artifacts the jobs wrote stay.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from .schemas import ApiError
 
 logger = logging.getLogger("neuronmap.serve.jobs")
 
-MAX_JOBS_KEPT = 1000  # in memory; records on disk stay until their run is deleted
+MAX_JOBS_KEPT = 1000  # in memory
+KEEP_FINISHED_PER_RUN = 200  # on disk: finished records beyond the newest 200 of a run are removed...
+KEEP_FINISHED_S = 7 * 24 * 3600  # ...and so is any finished record older than a week (artifacts stay)
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 JOBS_DIR = (".jobs",)  # under <run>/analyses/
 HEARTBEAT_S = 10.0
@@ -167,6 +171,38 @@ class JobStore:
         except OSError as error:  # the job goes on; only its record after a restart is at risk
             logger.warning("cannot write job record %s: %s", path, error)
             temp.unlink(missing_ok=True)
+
+    def prune(self, run_path: str | os.PathLike, keep: int = KEEP_FINISHED_PER_RUN,
+              max_age_s: float = KEEP_FINISHED_S) -> int:
+        """Remove finished records of a run beyond the newest `keep` or older than `max_age_s`; return how many.
+
+        Age and order come from each file's modification time (the last rewrite, i.e. when the job
+        ended). Records that are queued or running, and files that cannot be read, are left alone.
+        """
+        folder = Path(run_path, "analyses", *JOBS_DIR)
+        finished: list[tuple[float, Path]] = []
+        try:
+            entries = [entry for entry in os.scandir(folder) if JOB_ID.fullmatch(entry.name.removesuffix(".json"))
+                       and entry.name.endswith(".json")]
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                record = json.loads(Path(entry.path).read_text(encoding="utf-8"))
+                mtime = entry.stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("state") not in ACTIVE:
+                finished.append((mtime, Path(entry.path)))
+        finished.sort(reverse=True)  # newest first
+        cutoff = time.time() - max_age_s
+        doomed = [path for rank, (mtime, path) in enumerate(finished) if rank >= keep or mtime < cutoff]
+        for path in doomed:
+            try:
+                path.unlink()
+            except OSError as error:
+                logger.warning("cannot remove old job record %s: %s", path, error)
+        return len(doomed)
 
     def find(self, job_id: str) -> tuple[Path, dict[str, Any]] | None:
         """(run folder, record) of `job_id` from disk, or None (also for a record outside the runs directory)."""
@@ -336,6 +372,7 @@ class JobManager:
         finally:
             job.finished = now_iso()
             self._persist(job, run_path)
+            self.store.prune(run_path)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -27,7 +27,6 @@ import torch
 from .capture import Capture
 from .errors import ConfigError
 from .pooling import check_pooling, pool
-from .prompts import load_prompts, prompt_source_hash
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("hdf5", "parquet")
@@ -327,6 +326,7 @@ def plan_run(
 def new_manifest(plan: RunPlan, prompts: Any, frame: Any, pooling: str, dtype: str, format: str,
                  compression: str | None, batch_size: int) -> Any:
     """The manifest of a run planned by `plan` (the same for every engine)."""
+    from .prompts import prompt_source_hash
     from .store import Manifest
 
     return Manifest.new(
@@ -461,6 +461,7 @@ def extract(
         The completed run, opened (`run.array(layer)`, `run.prompts`, ...).
     """
     from .models import LoadedModel, load_model
+    from .prompts import load_prompts  # here, not at import: pandas stays out of stage actors (~90 MB each)
     from .store import RunWriter, open_run
     from .store.background import BackgroundCommits
 

@@ -209,3 +209,23 @@ def test_jobs_are_answered_after_the_app_restarts(serve_base, serve_runs):
     finally:
         options.delete("restart")
     assert os.path.isfile(record_path(serve_runs.runs / "demo", job_id))
+
+
+def test_finished_records_are_pruned_by_count_and_age_but_active_ones_never(tmp_path):
+    store, run = JobStore(tmp_path), tmp_path / "run"
+    now = time.time()
+    ids = [f"{i:032x}" for i in range(8)]
+    states = ["succeeded", "failed", "succeeded", "succeeded", "running", "queued", "succeeded", "failed"]
+    ages_s = [10, 20, 30, 40, 10 * 86400, 10 * 86400, 50, 8 * 86400]  # 4 and 5 are old but active
+    for job_id, state, age in zip(ids, states, ages_s):
+        store.write(run, {"id": job_id, "state": state})
+        os.utime(record_path(run, job_id), (now - age, now - age))
+    (record_path(run, ids[0]).parent / "notes.txt").write_text("not a record")
+
+    assert store.prune(run, keep=3, max_age_s=7 * 86400) == 3
+    left = sorted(p.stem for p in record_path(run, ids[0]).parent.glob("*.json"))
+    # finished, newest first: 0 (10 s), 1, 2, 3, 6, 7 (8 days): keep 3 -> 0, 1, 2; 7 is too old anyway
+    assert left == sorted([ids[0], ids[1], ids[2], ids[4], ids[5]])
+    assert (record_path(run, ids[0]).parent / "notes.txt").exists()
+    assert store.prune(run, keep=3, max_age_s=7 * 86400) == 0  # idempotent
+    assert store.prune(tmp_path / "no-such-run") == 0
