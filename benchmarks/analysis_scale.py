@@ -18,8 +18,10 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
      the analyses; the mean is the reference). ``store read``: the same rows through
      ``Run.iter_batches`` (neuronmap's reader).
    - ``stats``: ``analyze(run, "stats")`` over every layer (one pass; per-shard partials folded into
-     the running result as they arrive); ``stats_reservoir_1024``: the same with
-     ``reservoir_size=1024`` (the percentile sample each shard's partial carries).
+     the running result as they arrive; the default local engine: one shard after another, one
+     core); ``stats_2_workers``: the same with ``engine=LocalEngine(workers=2)`` (two shard tasks at
+     once on threads); ``stats_reservoir_1024``: the same as ``stats`` with ``reservoir_size=1024``
+     (the percentile sample each shard's partial carries).
    - ``pca``: ``analyze(run, "pca", method="incremental", n_components=--pca-components, project=0)``
      (one streamed pass: the float64 covariance accumulated with BLAS, then one eigendecomposition)
      over every layer.
@@ -50,12 +52,19 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
    factories for every pair (both layers' self-moments again for every pair: 3 L (L - 1) / 2 passes),
    each in its own child process; the values are compared (max abs difference).
 
+4. ``RunningStats.add`` in isolation (unless ``--skip-kernel``): 16 distinct 4096 x ``--width``
+   float32 batches (more than the CPU cache) folded in round robin for about 2 s, by 1 and by 2
+   threads (each thread its own ``RunningStats``, as two shard tasks); the baseline in the same child
+   is ``np.copyto`` of the same batches into one float32 buffer (a memory copy: what reading each
+   value once costs). Reported as GB/s of float32 input and as a ratio to the copy.
+
 Usage::
 
     .venv/bin/python benchmarks/analysis_scale.py                    # 8 GB run + CKA at n=50,000
     .venv/bin/python benchmarks/analysis_scale.py --gb 1 --skip-cka  # smaller run only
     .venv/bin/python benchmarks/analysis_scale.py --skip-cka --steps direct_read,raw_read_before,stats
-    .venv/bin/python benchmarks/analysis_scale.py --skip-scale --skip-cka --pairs-layers 6   # part 3 only
+    .venv/bin/python benchmarks/analysis_scale.py --skip-scale --skip-cka --pairs-layers 6   # part 3 (+ 4)
+    .venv/bin/python benchmarks/analysis_scale.py --skip-scale --skip-cka --skip-pairs       # part 4 only
 """
 
 from __future__ import annotations
@@ -101,12 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gram-n", type=int, default=None, help="n of the Gram form (default: largest in budget)")
     parser.add_argument("--steps", type=lambda v: v.split(","), default=None,
                         help="part 1 steps to run, comma-separated (default all): direct_read, raw_read_before, "
-                             "store_read, stats, stats_reservoir_1024, pca_incremental, cka_minibatch, raw_read_after")
+                             "store_read, stats, stats_2_workers, stats_reservoir_1024, pca_incremental, cka_minibatch, "
+                             "raw_read_after")
     parser.add_argument("--skip-scale", action="store_true", help="skip part 1 (the large run)")
     parser.add_argument("--skip-cka", action="store_true", help="skip part 2 (CKA matrix)")
     parser.add_argument("--pairs-layers", type=int, default=6, help="part 3: layers of the cka pairs run (default 6)")
     parser.add_argument("--pairs-n", type=int, default=20_000, help="part 3: rows of the cka pairs run (default 20000)")
     parser.add_argument("--skip-pairs", action="store_true", help="skip part 3 (registered cka over layer pairs)")
+    parser.add_argument("--skip-kernel", action="store_true", help="skip part 4 (RunningStats.add in isolation)")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS/OpenMP threads of every measured process (default 1: on a busy machine two "
                              "threads spin-wait and run several times slower)")
@@ -250,8 +261,9 @@ def child_store_read(run: str, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes": total}
 
 
-def child_analysis(run: str, name: str, params: str, batch_size: int) -> dict:
-    from neuronmap.analysis import analyze, list_analyses
+def child_analysis(run: str, name: str, params: str, batch_size: int, workers: int = 0) -> dict:
+    """`analyze` on the default local engine, or on `LocalEngine(workers)` when workers > 0."""
+    from neuronmap.analysis import LocalEngine, analyze, list_analyses
     from neuronmap.store import open_run
 
     list_analyses()  # imports every family (scikit-learn, scipy) before the clock starts
@@ -260,11 +272,49 @@ def child_analysis(run: str, name: str, params: str, batch_size: int) -> dict:
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        artifact = analyze(run, name, params=json.loads(params), batch_size=batch_size, force=True)
+        artifact = analyze(run, name, params=json.loads(params), batch_size=batch_size, force=True,
+                           engine=LocalEngine(workers=workers) if workers else "local")
     seconds = time.perf_counter() - started
     headline = {unit: {k: v for k, v in artifact.metrics(unit).items() if isinstance(v, (int, float))}
                 for unit in artifact.units}
     return {"seconds": seconds, "bytes": total, "metrics": headline}
+
+
+def child_kernel(width: int, batch_size: int, seconds: float = 2.0) -> dict:
+    """`RunningStats.add` on 1 and 2 threads, against a memory copy of the same batches."""
+    import threading
+
+    from neuronmap.analysis.statistics import RunningStats
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((batch_size, width), dtype=np.float32) * 2 + 1 for _ in range(16)]
+    RunningStats().add(batches[0])  # compile or load the kernel before the clock starts
+
+    def rate(work, threads: int) -> float:
+        done = [0] * threads
+
+        def loop(index: int) -> None:
+            stats, end, i = RunningStats(), time.perf_counter() + seconds, 0
+            while time.perf_counter() < end:
+                work(stats, batches[i % len(batches)])
+                i += 1
+            done[index] = i
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return sum(done) * batches[0].nbytes / (time.perf_counter() - started) / 1e9
+
+    buffer = np.empty_like(batches[0])
+    out = {"batch": [batch_size, width], "dtype": "float32"}
+    for threads in (1, 2):
+        out[f"add_gb_s_{threads}_thread"] = rate(lambda stats, batch: stats.add(batch), threads)
+        out[f"copy_gb_s_{threads}_thread"] = rate(lambda stats, batch: np.copyto(buffer, batch), threads)
+        out[f"add_over_copy_{threads}_thread"] = out[f"add_gb_s_{threads}_thread"] / out[f"copy_gb_s_{threads}_thread"]
+    return out
 
 
 def child_cka_feature(n: int, width: int, count: int) -> dict:
@@ -325,7 +375,9 @@ def child_main(argv: list[str]) -> None:
     elif kind == "store-read":
         out = child_store_read(rest[0], int(rest[1]))
     elif kind == "analysis":
-        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]))
+        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]), *(int(v) for v in rest[4:5]))
+    elif kind == "kernel":
+        out = child_kernel(int(rest[0]), int(rest[1]))
     elif kind == "cka-pairs-per-pair":
         out = child_cka_pairs_per_pair(rest[0], int(rest[1]))
     elif kind == "cka-feature":
@@ -374,6 +426,7 @@ def part_scale(args: argparse.Namespace) -> dict:
             ("raw_read_before", ["raw-read", str(run), b]),
             ("store_read", ["store-read", str(run), b]),
             ("stats", ["analysis", str(run), "stats", "{}", b]),
+            ("stats_2_workers", ["analysis", str(run), "stats", "{}", b, "2"]),
             ("stats_reservoir_1024", ["analysis", str(run), "stats", json.dumps({"reservoir_size": 1024}), b]),
             ("pca_incremental", ["analysis", str(run), "pca", json.dumps(
                 {"method": "incremental", "n_components": args.pca_components, "project": 0}), b]),
@@ -391,7 +444,8 @@ def part_scale(args: argparse.Namespace) -> dict:
                   flush=True)
         raws = [report[key]["throughput_mb_s"] for key in ("raw_read_before", "raw_read_after") if key in report]
         raw = report["raw_read_mb_s"] = sum(raws) / len(raws) if raws else None
-        for key in ("direct_read", "store_read", "stats", "stats_reservoir_1024", "pca_incremental", "cka_minibatch"):
+        for key in ("direct_read", "store_read", "stats", "stats_2_workers", "stats_reservoir_1024", "pca_incremental",
+                    "cka_minibatch"):
             if key in report and raw:
                 report[key]["ratio_to_raw_read"] = report[key]["throughput_mb_s"] / raw
             if key in report and "direct_read" in report and key != "direct_read":
@@ -492,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         results["cka"] = part_cka(args)
     if not args.skip_pairs:
         results["cka_pairs"] = part_pairs(args)
+    if not args.skip_kernel:
+        print("RunningStats.add in isolation ...", end=" ", flush=True)
+        kernel = results["stats_kernel"] = run_child(["kernel", str(args.width), str(args.batch_size)])
+        print(", ".join(f"{threads} thread(s) {kernel[f'add_gb_s_{threads}_thread']:.1f} GB/s "
+                        f"({kernel[f'add_over_copy_{threads}_thread']:.2f}x a copy)" for threads in (1, 2)), flush=True)
     results["environment"]["load_average_at_end"] = list(os.getloadavg())
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

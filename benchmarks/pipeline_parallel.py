@@ -34,6 +34,8 @@ Usage::
 
     .venv/bin/python benchmarks/pipeline_parallel.py                 # ~8 min on 2 idle CPUs
     .venv/bin/python benchmarks/pipeline_parallel.py --prompts 200   # smoke run
+    .venv/bin/python benchmarks/pipeline_parallel.py --shape medium --prompts 64 --json /tmp/pp-medium.json
+                                                                     # the memory ratio at a larger shape
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ import numpy as np
 MiB = 1024**2
 
 
-def build_model(folder: Path) -> Path:
-    """GPT2Config() defaults, random weights (seed 0), with the tiny GPT-2's tokenizer."""
+# GPT-2 shapes (blocks, width, heads): the issue's check is "small"; the larger ones show how the
+# stage-memory ratio moves once the weights outweigh the ~0.4 GB every actor process starts with.
+SHAPES = {"small": (12, 768, 12), "medium": (24, 1024, 16), "large": (36, 1280, 20)}
+
+
+def build_model(folder: Path, shape: str = "small") -> Path:
+    """GPT2Config() (or a larger GPT-2 shape), random weights (seed 0), with the tiny GPT-2's tokenizer."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -68,7 +75,8 @@ def build_model(folder: Path) -> Path:
 
     tiny = make_tiny("gpt2", folder.parent / "tiny-gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).eval().save_pretrained(folder)
+    n_layer, n_embd, n_head = SHAPES[shape]
+    GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)).eval().save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
     return folder
 
@@ -139,6 +147,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                        help="GPT-2 shape (small: the issue's check; medium/large: how the memory ratio scales)")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results-pipeline.json"))
     args = parser.parse_args()
 
@@ -154,7 +164,8 @@ def main() -> None:
                               "repeats": args.repeats, "cpus": os.cpu_count(), "machine": platform.processor(),
                               "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model(Path(tmp) / "gpt2-small-random")
+        folder = build_model(Path(tmp) / f"gpt2-{args.shape}-random", args.shape)
+        report["shape"] = dict(zip(("blocks", "width", "heads"), SHAPES[args.shape]), name=args.shape)
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         pipes = {}
         for stages in (1, 2):

@@ -15,6 +15,12 @@ Everything is computed from mergeable per-pair partial states (:class:`Evolution
 layers may be batch factories (``lambda: run.iter_batches(layer)``) and Ray tasks may each handle a
 layer pair or a shard and merge. :func:`layer_evolution` makes one pass per consecutive pair and
 holds at most two layers' moments (O(d^2)) at a time.
+
+Across many pairs that share layers (consecutive pairs: every inner layer is the "next" of one pair
+and the "prev" of the following one), :func:`evolution_layer_summary` summarises a layer's own
+moments and norms once, :func:`evolution_cross_summary` a pair's cross-moments and cosines, and
+:func:`evolution_from_summaries` combines them: the same numbers as :func:`evolution_pair`, bit for
+bit (same batches, same merges), with each layer's self-moments computed once instead of twice.
 """
 
 from __future__ import annotations
@@ -180,6 +186,75 @@ def evolution_pair(prev: Source, next_: Source, *, debiased: bool = False, cosin
     for x, y in _aligned_batches([prev, next_], ["prev", "next_"], batch_size, "layer evolution"):
         state.add(x, y)
     return state.result(debiased=debiased)
+
+
+def evolution_layer_summary(source: Source, *, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """One layer's share of every evolution pair it is in: its self-moment summary and row norms.
+
+    Parameters
+    ----------
+    source : ndarray of shape (n_samples, n_features) or batch factory
+    batch_size : int, default=4096
+
+    Returns
+    -------
+    dict
+        ``moments``: the (X, X) co-moment summary (`_Moments.summary`); ``norm``: [n, mean, m2]
+        of the samples' L2 norms (Welford). Picklable, for a Ray task per layer.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    own, norm = _Moments(), _Welford()
+    for (x,) in _aligned_batches([source], ["layer"], batch_size, "layer evolution"):
+        own.add(x, x)
+        norm.add(np.linalg.norm(x, axis=1))
+    return {"moments": own.summary(), "norm": [norm.n, norm.mean, norm.m2]}
+
+
+def evolution_cross_summary(prev: Source, next_: Source, *, cosine: bool = True,
+                            batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """A pair's own share: the (prev, next) co-moment summary and the per-sample cosines.
+
+    Returns
+    -------
+    dict
+        ``moments``: the cross summary; ``cos``: [n, mean, m2] of the cosines (only with cosine=True);
+        ``zero_pairs``: samples with a zero vector in either layer (their cosine is taken as 0).
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    cross, cos = _Moments(), _Welford()
+    zero = 0
+    for x, y in _aligned_batches([prev, next_], ["prev", "next_"], batch_size, "layer evolution"):
+        if cosine and x.shape[1] != y.shape[1]:
+            raise _width_error("prev", x.shape[1], "next", y.shape[1])
+        cross.add(x, y)
+        if cosine:
+            c, z = _row_cosines(x, y)
+            cos.add(c)
+            zero += z
+    out = {"moments": cross.summary(), "zero_pairs": zero}
+    if cosine:
+        out["cos"] = [cos.n, cos.mean, cos.m2]
+    return out
+
+
+def evolution_from_summaries(prev: dict, next_: dict, cross: dict, *, debiased: bool = False) -> dict:
+    """:func:`evolution_pair`'s result from the two layers' and the pair's summaries (same rows in all three).
+
+    Cosine entries are present when `cross` was computed with cosine=True.
+    """
+    n = cross["moments"][0]
+    if n < 2:
+        raise ConfigError(f"layer evolution needs at least 2 samples; got {n}")
+    norm_prev, norm_next = _Welford(*prev["norm"]), _Welford(*next_["norm"])
+    out = {"cka": _cka_from_summaries(prev["moments"], next_["moments"], cross["moments"], debiased),
+           "mean_norm_prev": norm_prev.mean, "mean_norm_next": norm_next.mean,
+           "norm_growth": _ratio(norm_next.mean, norm_prev.mean, "next", "prev")}
+    if "cos" in cross:
+        if cross["zero_pairs"]:
+            _warn(f"{cross['zero_pairs']} samples have a zero vector in one of the layers: their cosine is taken as 0")
+        cos = _Welford(*cross["cos"])
+        out.update(cosine_mean=cos.mean, cosine_std=cos.std)
+    return out
 
 
 def layer_evolution(layers: Mapping[str, Source] | Sequence[tuple[str, Source]], *, debiased: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
+from numba import njit
 
 from ..errors import ConfigError
 
@@ -22,6 +23,17 @@ def _as_2d(batch: Any) -> np.ndarray:
     if array.ndim == 1:
         return array.reshape(-1, 1)
     return array.reshape(array.shape[0], int(np.prod(array.shape[1:])))
+
+
+@njit(nogil=True, cache=True)
+def _move_rows(dst, slots, src, picks):  # pragma: no cover - compiled (covered via Reservoir)
+    """dst[slots[k]] = src[picks[k]] for every k, row by row: one copy (numpy's fancy-indexed
+    assignment gathers the rows into a temporary first, then scatters them)."""
+    width = dst.shape[1]
+    for k in range(len(slots)):
+        target, source = slots[k], picks[k]
+        for j in range(width):
+            dst[target, j] = src[source, j]
 
 
 class Reservoir:
@@ -60,6 +72,7 @@ class Reservoir:
         self.count = 0
         self._rows: np.ndarray | None = None  # capacity >= filled rows; grows until `size`
         self._keys = np.empty(0, dtype=np.float64)
+        self._shared = False  # `_rows` is also held by a state dict: copy it before writing into it
 
     @property
     def exact(self) -> bool:
@@ -86,7 +99,7 @@ class Reservoir:
         if self._rows is not None and rows.shape[1] != self._rows.shape[1]:
             raise ConfigError(f"cannot add rows of {rows.shape[1]} features to a reservoir of {self._rows.shape[1]}")
         if self._rows is not None and np.result_type(self._rows.dtype, rows.dtype) != self._rows.dtype:
-            self._rows = self._rows.astype(np.result_type(self._rows.dtype, rows.dtype))
+            self._rows, self._shared = self._rows.astype(np.result_type(self._rows.dtype, rows.dtype)), False
         self.count += int(seen)
         filled = len(self._keys)
         room = self.size - filled
@@ -109,29 +122,53 @@ class Reservoir:
         leaving = np.ones(self.size, dtype=bool)
         leaving[kept[kept < self.size]] = False
         slots = np.flatnonzero(leaving)
-        self._rows[slots] = rows[entering]
+        self._own()
+        if rows.dtype == self._rows.dtype and rows.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
+            _move_rows(self._rows, slots, rows, entering)
+        else:  # other dtypes, strided views, rows narrower than the sample's dtype
+            self._rows[slots] = rows[entering]
         self._keys[slots] = keys[entering]
         return self
 
+    def _own(self) -> None:
+        """Copy `_rows` before the first write into it while a state dict shares it."""
+        if self._shared:
+            self._rows = self._rows.copy()
+            self._shared = False
+
     def _grow(self, needed: int, like: np.ndarray) -> None:
-        """Make room for `needed` rows (doubling, capped at `size`) of `like`'s width and dtype."""
+        """Make room for `needed` rows (at least twice as many, capped at `size`) of `like`'s width and dtype.
+
+        Twice `needed`, not `needed`: a first batch of half the size or more allocates the whole
+        sample at once instead of filling it in two allocations and a copy.
+        """
         dtype = like.dtype if self._rows is None else np.result_type(self._rows.dtype, like.dtype)
         if self._rows is not None and len(self._rows) >= needed and dtype == self._rows.dtype:
+            self._own()
             return
-        capacity = min(self.size, max(needed, 2 * (0 if self._rows is None else len(self._rows))))
+        capacity = min(self.size, 2 * max(needed, 0 if self._rows is None else len(self._rows)))
         grown = np.empty((capacity, like.shape[1]), dtype=dtype)
         if self._rows is not None:
             grown[: len(self._keys)] = self._rows[: len(self._keys)]
-        self._rows = grown
+        self._rows, self._shared = grown, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "seed": self.seed, "count": self.count,
-                "rows": None if self._rows is None else np.array(self.rows, copy=True),
+        """Plain dict of the sample, its keys and the key generator's state (picklable).
+
+        The sampled rows are handed over without a copy (25 MB per partial at the default size, a
+        copy per shard on the local engine); this reservoir copies them before it next writes, so the
+        dict never changes afterwards.
+        """
+        rows = None if self._rows is None else self.rows
+        self._shared = rows is not None
+        return {"size": self.size, "seed": self.seed, "count": self.count, "rows": rows,
                 "keys": self._keys.copy(), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> "Reservoir":
+        """Restore from `state_dict()`; the rows are shared with `state` until this reservoir writes."""
         self.size, self.seed, self.count = int(state["size"]), int(state["seed"]), int(state["count"])
-        self._rows = None if state["rows"] is None else np.array(state["rows"], copy=True)
+        self._rows = None if state["rows"] is None else np.asarray(state["rows"])
+        self._shared = self._rows is not None
         self._keys = np.array(state["keys"], dtype=np.float64, copy=True)
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
@@ -145,11 +182,14 @@ class Reservoir:
         if self.rows is None:
             raise ConfigError("no rows were added to the reservoir; the layer has no committed rows")
         # numpy's default ("linear") percentiles, from one contiguous sort per feature: several times
-        # faster than np.percentile(axis=0), which partitions along the strided axis once per q
-        ordered = np.ascontiguousarray(self.rows.T, dtype=np.float64)
+        # faster than np.percentile(axis=0), which partitions along the strided axis once per q. The
+        # sort runs in the stored dtype (half the bytes of float64 for float32 rows); casting to
+        # float64 is monotone, so the order statistics, and the float64 interpolation between them,
+        # are the same as those of a float64 sort
+        ordered = np.ascontiguousarray(self.rows.T)
         ordered.sort(axis=1)
         position = q / 100.0 * (ordered.shape[1] - 1)
         below = np.floor(position).astype(np.int64)
         above = np.minimum(below + 1, ordered.shape[1] - 1)
-        low, high = ordered[:, below], ordered[:, above]
+        low, high = ordered[:, below].astype(np.float64), ordered[:, above].astype(np.float64)
         return (low + (high - low) * (position - below)).T

@@ -8,7 +8,8 @@ writes the artifact atomically.
 Engines map a picklable function over picklable tasks (`Engine.map(fn, items) -> list`; an engine may
 also offer `Engine.imap(fn, items) -> iterator`, the same results in order as they become ready, which
 the runner prefers so that per-shard partials are folded as they arrive). ``"local"`` runs them in
-this process; any other name is looked up in the entry-point group
+this process (`LocalEngine(workers=N)`, passed as the engine object, runs N per-shard tasks at once
+on threads); any other name is looked up in the entry-point group
 ``neuronmap.analysis_engines`` (the entry point is a zero-argument factory returning an engine):
 ``ray`` comes from ``actors.analysis:RayEngine`` and runs one Ray task per layer, layer pair or shard.
 The tasks are the same functions either way, so engines give the same numbers.
@@ -30,6 +31,7 @@ import pandas as pd
 from ..errors import ConfigError, UnknownLayerError
 from ..store import Run, open_run
 from ..store.manifest import neuronmap_version, now_iso
+from ._local_engine import LocalEngine, capture_warnings
 from .artifacts import UNIT_COLUMN, Artifact, artifact_id, find_artifact, to_jsonable, write_artifact
 from .inputs import LayerInput, PairInput, RunInput, intersect_ranges, merge_ranges
 from .registry import AnalysisResult, AnalysisSpec, get_analysis
@@ -47,19 +49,6 @@ class Engine(Protocol):
     name: str
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]: ...
-
-
-class LocalEngine:
-    """Everything in this process, one task after the other."""
-
-    name = "local"
-
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        return [fn(item) for item in items]
-
-    def imap(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
-        """Lazily: a task runs only when its result is asked for, so one result is alive at a time."""
-        return (fn(item) for item in items)
 
 
 def _imap(engine: Engine, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
@@ -172,8 +161,7 @@ def _warning_text(caught: list[warnings.WarningMessage]) -> list[str]:
 
 def run_task(task: Task) -> tuple[Any, list[str]]:
     """Call the task, returning (value, warning messages raised meanwhile)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with capture_warnings() as caught:  # this thread's warnings only (tasks may run on threads)
         if task.states is None:
             value = task.fn(task.data, task.params)
         else:

@@ -31,6 +31,7 @@ import numpy as np
 from scipy import special
 
 from ..errors import ConfigError
+from ._stats_kernel import batch_sums
 from .reservoir import Reservoir, _as_2d
 
 __all__ = ["Reservoir", "RunningStats", "neuron_rankings", "neuron_statistics"]
@@ -38,60 +39,30 @@ __all__ = ["Reservoir", "RunningStats", "neuron_rankings", "neuron_statistics"]
 _MOMENTS = ("mean", "m2", "m3", "m4", "minimum", "maximum", "abs_sum", "n_small", "n_zero")
 
 
-# Values per chunk of `RunningStats.add` (float64): 128K values = 1 MiB, so the two work arrays stay in cache.
-_CHUNK_ELEMENTS = 1 << 17
+# Rows of a batch whose float64 mean is the shift of its power sums (about 1 MiB of float64).
+_SHIFT_ELEMENTS = 1 << 17
 
 
 def _batch_moments(x: np.ndarray, eps: float) -> dict[str, Any]:
-    """`_MOMENTS` of one batch (rows, d), chunk by chunk over cache-sized float64 copies.
+    """`_MOMENTS` of one batch (rows, d), from one compiled pass over it (`_stats_kernel`).
 
-    Power sums of y = x - shift are accumulated over the chunks, with the shift the mean of the
-    batch's first chunk, then turned into central moment sums once for the whole batch. Near the
-    data's own mean the shifted sums lose no precision to cancellation (the shift is off by about
-    std / sqrt(chunk rows)); the batch is then folded in with the exact pairwise update.
+    Power sums of y = x - shift are accumulated, with the shift the float64 mean of the batch's
+    first rows, then turned into central moment sums once for the whole batch. Near the data's own
+    mean the shifted sums lose no precision to cancellation (the shift is off by about
+    std / sqrt(rows)); the batch is then folded in with the exact pairwise update.
     """
     n, d = x.shape
-    rows = int(min(max(_CHUNK_ELEMENTS // max(d, 1), 8), n))
-    work = np.empty((rows, d), dtype=np.float64)
-    square = np.empty((rows, d), dtype=np.float64)
-    sums = np.zeros((4, d), dtype=np.float64)
-    abs_sum = np.zeros(d, dtype=np.float64)
-    n_small = np.zeros(d, dtype=np.int64)
-    n_zero = np.zeros(d, dtype=np.int64)
-    minimum = maximum = shift = None
-    for start in range(0, n, rows):
-        chunk = x[start:start + rows]
-        r = len(chunk)
-        w, sq = work[:r], square[:r]
-        np.copyto(w, chunk, casting="unsafe")
-        low, high = np.minimum.reduce(chunk, axis=0), np.maximum.reduce(chunk, axis=0)
-        minimum = low if minimum is None else np.minimum(minimum, low)
-        maximum = high if maximum is None else np.maximum(maximum, high)
-        np.abs(w, out=sq)
-        abs_sum += np.add.reduce(sq, axis=0)
-        if eps > 0:
-            small = sq < eps
-            if small.any():  # rare in dense activations: counted only when present (exact zeros are small)
-                n_small += np.count_nonzero(small, axis=0)
-                n_zero += np.count_nonzero(w == 0, axis=0)
-        else:
-            n_zero += np.count_nonzero(w == 0, axis=0)
-        if shift is None:
-            shift = np.add.reduce(w, axis=0) / r
-        w -= shift
-        np.multiply(w, w, out=sq)
-        sums[0] += np.add.reduce(w, axis=0)
-        sums[1] += np.add.reduce(sq, axis=0)
-        sums[2] += np.einsum("ij,ij->j", sq, w)
-        sums[3] += np.einsum("ij,ij->j", sq, sq)
+    head = x[: int(min(max(_SHIFT_ELEMENTS // max(d, 1), 8), n))]
+    shift = np.add.reduce(head, axis=0, dtype=np.float64) / len(head)
+    sums, counts, minimum, maximum = batch_sums(x, shift, eps)
     mu = sums[0] / n
     mu2 = mu * mu
     m2 = sums[1] - n * mu2
     m3 = sums[2] - 3.0 * mu * sums[1] + 2.0 * n * mu2 * mu
     m4 = sums[3] - 4.0 * mu * sums[2] + 6.0 * mu2 * sums[1] - 3.0 * n * mu2 * mu2
     return {"count": n, "n_features": d, "mean": shift + mu, "m2": np.maximum(m2, 0.0), "m3": m3,
-            "m4": np.maximum(m4, 0.0), "minimum": minimum.astype(np.float64), "maximum": maximum.astype(np.float64),
-            "abs_sum": abs_sum, "n_small": n_small, "n_zero": n_zero}
+            "m4": np.maximum(m4, 0.0), "minimum": minimum, "maximum": maximum,
+            "abs_sum": sums[4], "n_small": counts[0], "n_zero": counts[1]}
 
 
 def _combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -140,11 +111,9 @@ class RunningStats:
     def add(self, batch: Any) -> "RunningStats":
         """Fold in a batch of shape (n_rows, n_features) (or (n_rows, *shape), flattened).
 
-        Vectorised and cache-sized (`_batch_moments`): the batch is cast to float64 a chunk of about
-        1 MiB at a time, and every statistic of the chunk is a whole-array numpy reduction over data
-        still in the CPU cache (about ten cheap passes, instead of ten passes over a 25 MB float64
-        copy of the batch in memory). The batch's moments then join the running ones with the
-        pairwise update of `merge`.
+        One compiled pass over the batch (`_batch_moments`, `_stats_kernel`): each value is read
+        once and feeds every sum, where numpy needed about a dozen passes; a float32 batch is not
+        copied. The batch's moments then join the running ones with the pairwise update of `merge`.
         """
         x = _as_2d(batch)
         if x.shape[0] == 0:

@@ -128,6 +128,62 @@ def test_rankings_and_in_memory_helper():
     np.testing.assert_allclose(out["percentiles"][0], np.median(x, axis=0))
 
 
+@pytest.mark.parametrize("kind", ["float32", "float16", "int", "bool", "strided", "3d"])
+def test_every_input_dtype_and_layout_matches_numpy(kind):
+    """The compiled kernel reads float32/float64 rows in place and converts the rest chunk by chunk."""
+    rng = np.random.default_rng(9)
+    x = {"float32": lambda: (data(9, n=1001) * 1.5).astype(np.float32),
+         "float16": lambda: rng.standard_normal((517, 5)).astype(np.float16),
+         "int": lambda: rng.integers(-3, 4, (801, 6)),
+         "bool": lambda: rng.random((403, 4)) > 0.6,
+         "strided": lambda: rng.standard_normal((650, 21))[::2, ::3],
+         "3d": lambda: rng.standard_normal((300, 2, 3)).astype(np.float32)}[kind]()
+    stats = RunningStats()
+    for part in np.array_split(x, 3):
+        stats.add(part)
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    assert_matches_reference(stats, flat)
+    assert stats.minimum.dtype == stats.maximum.dtype == np.float64
+
+
+def test_nan_and_infinity_give_numpy_extremes_and_leave_other_neurons_alone():
+    x = data(10, n=200)
+    x[17, 2], x[40, 4] = np.nan, np.inf
+    stats = RunningStats().add(x[:100]).merge(RunningStats().add(x[100:]))
+    np.testing.assert_array_equal(stats.minimum, x.min(axis=0))  # NaN where a NaN is, like numpy
+    np.testing.assert_array_equal(stats.maximum, x.max(axis=0))
+    assert np.isnan(stats.mean[2]) and np.isnan(stats.m2[2])
+    finite = [0, 1, 3, 5]
+    np.testing.assert_allclose(stats.mean[finite], x[:, finite].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.std()[finite], x[:, finite].std(axis=0), rtol=1e-9)
+
+
+def test_reservoir_state_dict_shares_rows_but_never_changes_afterwards():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5000, 3)).astype(np.float32)
+    source = Reservoir(256, seed=1).add(x[:1000])
+    state = source.state_dict()
+    frozen = state["rows"].copy()
+    source.add(x[1000:3000])  # rows enter: the reservoir copies before writing, the dict keeps its rows
+    np.testing.assert_array_equal(state["rows"], frozen)
+    loaded = Reservoir(256).load_state_dict(state)
+    loaded.add(x[3000:])  # and a reservoir loaded from the dict copies before writing into it
+    np.testing.assert_array_equal(state["rows"], frozen)
+    # the continued reservoirs still hold exactly the rows of their smallest keys (bottom-k)
+    reference = Reservoir(256, seed=1).add(x[:1000]).add(x[1000:3000])
+    np.testing.assert_array_equal(source.rows, reference.rows)
+    reference = Reservoir(256, seed=1).add(x[:1000]).add(x[3000:])  # the loaded one went on from the dict
+    np.testing.assert_array_equal(loaded.rows, reference.rows)
+    assert loaded.count == 3000 and loaded.state_dict()["rng"] == reference.state_dict()["rng"]
+
+
+def test_percentiles_of_float32_rows_equal_numpy_in_float64():
+    x = (np.random.default_rng(12).standard_normal((999, 7)) * 100).astype(np.float32)
+    reservoir = Reservoir(size=2000).add(x)
+    q = [0, 0.5, 12.5, 50, 87.3, 100]
+    np.testing.assert_allclose(reservoir.percentiles(q), np.percentile(x.astype(np.float64), q, axis=0), rtol=1e-13)
+
+
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="eps=-1"):
         RunningStats(eps=-1)

@@ -82,6 +82,32 @@ def test_pair_states_merge_into_the_single_pass_result():
     assert E.evolution_pair(a, _factory(b, 7), debiased=True) == pytest.approx(got, rel=1e-10)
 
 
+@pytest.mark.parametrize("debiased", [False, True])
+def test_shared_layer_summaries_equal_the_per_pair_result(debiased):
+    """Each layer summarised once, reused as the "next" of one pair and the "prev" of the next one:
+    bit for bit what evolution_pair computes per pair (both layers' moments again), and the numpy values."""
+    layers = _stack(seed=4)
+    names = list(layers)
+    sources = {name: _factory(a, 23) for name, a in layers.items()}
+    own = {name: E.evolution_layer_summary(sources[name], batch_size=40) for name in names}
+    for prev, next_ in zip(names, names[1:]):
+        cross = E.evolution_cross_summary(sources[prev], sources[next_], batch_size=40)
+        shared = E.evolution_from_summaries(own[prev], own[next_], cross, debiased=debiased)
+        per_pair = E.evolution_pair(sources[prev], sources[next_], debiased=debiased, batch_size=40)
+        assert shared == per_pair, (prev, next_)
+        a, b = layers[prev], layers[next_]
+        reference = ref_debiased_cka(a, b) if debiased else ref_linear_cka(a, b)
+        assert shared["cka"] == pytest.approx(reference, rel=1e-9)
+        cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert shared["cosine_mean"] == pytest.approx(cos.mean(), rel=1e-12)
+        growth = np.linalg.norm(b, axis=1).mean() / np.linalg.norm(a, axis=1).mean()
+        assert shared["norm_growth"] == pytest.approx(growth, rel=1e-12)
+    no_cosine = E.evolution_cross_summary(layers[names[0]], layers[names[1]][:, :5], cosine=False)
+    got = E.evolution_from_summaries(own[names[0]], E.evolution_layer_summary(layers[names[1]][:, :5]), no_cosine)
+    assert "cosine_mean" not in got
+    assert got["cka"] == pytest.approx(ref_linear_cka(layers[names[0]], layers[names[1]][:, :5]), rel=1e-9)
+
+
 def test_width_change_needs_cosine_off():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(50, 8))
