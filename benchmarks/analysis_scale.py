@@ -21,7 +21,9 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
      the running result as they arrive; the default local engine: one shard after another, one
      core); ``stats_2_workers``: the same with ``engine=LocalEngine(workers=2)`` (two shard tasks at
      once on threads); ``stats_reservoir_1024``: the same as ``stats`` with ``reservoir_size=1024``
-     (the percentile sample each shard's partial carries).
+     (the percentile sample each shard's partial carries); ``stats_copied_reads``: the same as
+     ``stats`` with every batch read through h5py into a fresh array (what ``stats`` did before it
+     read uncompressed HDF5 shards as mapped read-only views), the baseline of that change.
    - ``pca``: ``analyze(run, "pca", method="incremental", n_components=--pca-components, project=0)``
      (one streamed pass: the float64 covariance accumulated with BLAS, then one eigendecomposition)
      over every layer.
@@ -110,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gram-n", type=int, default=None, help="n of the Gram form (default: largest in budget)")
     parser.add_argument("--steps", type=lambda v: v.split(","), default=None,
                         help="part 1 steps to run, comma-separated (default all): direct_read, raw_read_before, "
-                             "store_read, stats, stats_2_workers, stats_reservoir_1024, pca_incremental, cka_minibatch, "
+                             "store_read, stats, stats_2_workers, stats_reservoir_1024, stats_copied_reads, "
+                             "pca_incremental, cka_minibatch, "
                              "raw_read_after")
     parser.add_argument("--skip-scale", action="store_true", help="skip part 1 (the large run)")
     parser.add_argument("--skip-cka", action="store_true", help="skip part 2 (CKA matrix)")
@@ -261,12 +264,20 @@ def child_store_read(run: str, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes": total}
 
 
-def child_analysis(run: str, name: str, params: str, batch_size: int, workers: int = 0) -> dict:
-    """`analyze` on the default local engine, or on `LocalEngine(workers)` when workers > 0."""
+def child_analysis(run: str, name: str, params: str, batch_size: int, workers: int = 0, copied: int = 0) -> dict:
+    """`analyze` on the default local engine, or on `LocalEngine(workers)` when workers > 0.
+
+    copied=1: `stats` reads its batches through h5py copies (`LayerInput.iter_batches`) instead of
+    mapped views, for the A/B of the mapped reads.
+    """
     from neuronmap.analysis import LocalEngine, analyze, list_analyses
     from neuronmap.store import open_run
 
     list_analyses()  # imports every family (scikit-learn, scipy) before the clock starts
+    if copied:
+        from neuronmap.analysis.builtin import statistics
+
+        statistics._read_only_batches = lambda data: data.iter_batches()
     handle = open_run(run)
     total = sum(handle.n_rows(layer) * handle.layer_info(layer).size * 4 for layer in handle.layers)
     started = time.perf_counter()
@@ -375,7 +386,7 @@ def child_main(argv: list[str]) -> None:
     elif kind == "store-read":
         out = child_store_read(rest[0], int(rest[1]))
     elif kind == "analysis":
-        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]), *(int(v) for v in rest[4:5]))
+        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]), *(int(v) for v in rest[4:6]))
     elif kind == "kernel":
         out = child_kernel(int(rest[0]), int(rest[1]))
     elif kind == "cka-pairs-per-pair":
@@ -428,6 +439,7 @@ def part_scale(args: argparse.Namespace) -> dict:
             ("stats", ["analysis", str(run), "stats", "{}", b]),
             ("stats_2_workers", ["analysis", str(run), "stats", "{}", b, "2"]),
             ("stats_reservoir_1024", ["analysis", str(run), "stats", json.dumps({"reservoir_size": 1024}), b]),
+            ("stats_copied_reads", ["analysis", str(run), "stats", "{}", b, "0", "1"]),
             ("pca_incremental", ["analysis", str(run), "pca", json.dumps(
                 {"method": "incremental", "n_components": args.pca_components, "project": 0}), b]),
             ("cka_minibatch", ["analysis", str(run), "cka", json.dumps({"method": "minibatch"}), b]),
@@ -444,8 +456,8 @@ def part_scale(args: argparse.Namespace) -> dict:
                   flush=True)
         raws = [report[key]["throughput_mb_s"] for key in ("raw_read_before", "raw_read_after") if key in report]
         raw = report["raw_read_mb_s"] = sum(raws) / len(raws) if raws else None
-        for key in ("direct_read", "store_read", "stats", "stats_2_workers", "stats_reservoir_1024", "pca_incremental",
-                    "cka_minibatch"):
+        for key in ("direct_read", "store_read", "stats", "stats_2_workers", "stats_reservoir_1024",
+                    "stats_copied_reads", "pca_incremental", "cka_minibatch"):
             if key in report and raw:
                 report[key]["ratio_to_raw_read"] = report[key]["throughput_mb_s"] / raw
             if key in report and "direct_read" in report and key != "direct_read":

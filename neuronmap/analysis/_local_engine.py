@@ -4,10 +4,11 @@
 (what the runner uses for per-shard partials) is lazy with one worker: a task runs only when its
 result is asked for. With `workers > 1` it runs up to that many tasks at once on threads, still
 yielding results in order, with at most `workers` running or finished ahead of the caller. A per-shard `stats` task spends
-most of its time in code that releases the GIL (the compiled statistics kernel, numpy copies), so
-in a long-lived process two workers fold an 8 GB run 1.3-1.5x faster; but h5py reads run one at a
-time, and in a fresh process each worker thread's malloc arena faults its memory in anew, so a
-single `neuronmap analyze` gains nothing and a loaded machine loses (`benchmarks/BENCHMARKS.md`,
+most of its time in code that releases the GIL (the compiled statistics kernel, numpy copies), and
+now reads uncompressed HDF5 shards as mapped views rather than through h5py (whose reads run one at
+a time), so with a free second core two workers fold an 8 GB run 1.2-1.6x faster, even in a fresh
+process. But with the other core busy it is a wash or a loss, and a whole `neuronmap analyze`
+process (imports included) gained nothing on the shared development machine (`benchmarks/BENCHMARKS.md`,
 "Analysis at scale"). Hence one worker by default (``get_engine("local")``); ask for more explicitly.
 
 `capture_warnings()` records the warnings raised by the calling thread only. `warnings.catch_warnings`

@@ -4,7 +4,9 @@ Bottom-k sampling: every row gets an independent uniform random key and the samp
 rows with the smallest keys. That is a uniform sample without replacement of all rows seen; two
 samples merge exactly (the smallest keys of the union), whatever the order or grouping of the
 merges, so shard partials computed anywhere give the same sample; and a batch costs O(batch + size)
-cheap operations, copying only the rows that enter. Percentiles are numpy's default ("linear").
+cheap operations, copying only the rows that enter. A caller that knows how many rows will come
+(a shard task) can say so with `expect(n)`: their keys are drawn at once, and only the rows that
+will be in the final sample are copied, each once. Percentiles are numpy's default ("linear").
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class Reservoir:
         self._rows: np.ndarray | None = None  # capacity >= filled rows; grows until `size`
         self._keys = np.empty(0, dtype=np.float64)
         self._shared = False  # `_rows` is also held by a state dict: copy it before writing into it
+        self._planned = np.empty(0, dtype=np.float64)  # keys drawn by `expect` for rows still to come
+        self._threshold = np.inf  # rows keyed above it cannot be in the sample once the planned rows came
+        self._final = 0  # rows the sample will hold once the planned rows came (its first allocation)
 
     @property
     def exact(self) -> bool:
@@ -81,12 +86,52 @@ class Reservoir:
 
     @property
     def rows(self) -> np.ndarray | None:
+        self._check_settled()
         return None if self._rows is None else self._rows[: len(self._keys)]
+
+    def expect(self, n_rows: int) -> "Reservoir":
+        """Announce that the next `n_rows` rows added will come (in any batches) before the sample is read.
+
+        Their keys are drawn now, in one call, from the same generator `add` draws from, so the keys,
+        and the sample, are those `add` alone would give. With every key known, the largest key that
+        can end in the sample is known too, and `add` copies only the rows keyed at or below it: each
+        sampled row once (`size` rows for a shard that starts empty) instead of the first `size` rows
+        and then every row that enters for a while (about size * (1 + ln(n_rows / size)) copies).
+        Costs 8 bytes per announced row until they arrive. Reading the sample (`rows`, `state_dict`,
+        `percentiles`, merging it elsewhere) before they all arrived raises ConfigError: it would not
+        be uniform. Rows beyond the announced ones draw their keys as they come, as without `expect`.
+        """
+        if isinstance(n_rows, bool) or int(n_rows) < 0:
+            raise ConfigError(f"n_rows={n_rows!r} must be an integer >= 0")
+        if int(n_rows) == 0:
+            return self
+        self._planned = np.concatenate([self._planned, self.rng.random(int(n_rows))])
+        pooled = len(self._keys) + len(self._planned)
+        self._final = min(self.size, pooled)
+        if pooled <= self.size:
+            self._threshold = np.inf
+        else:  # the size-th smallest key of the sample so far and every planned row
+            keys = np.concatenate([self._keys, self._planned])
+            self._threshold = float(np.partition(keys, self.size - 1)[self.size - 1])
+        return self
+
+    def _check_settled(self) -> None:
+        if len(self._planned):
+            raise ConfigError(f"the reservoir still expects {len(self._planned)} rows announced with expect(); "
+                              "its sample is not uniform until they are added")
 
     def add(self, batch: Any) -> "Reservoir":
         x = _as_2d(batch)
         if len(x) == 0:
             return self
+        if len(self._planned):
+            k = min(len(x), len(self._planned))
+            keys, self._planned = self._planned[:k], self._planned[k:]
+            picks = np.flatnonzero(keys <= self._threshold)  # the rows that will be in the sample
+            self._offer(x, keys[picks], k, picks)
+            if k == len(x):
+                return self
+            x = x[k:]
         return self._offer(x, self.rng.random(len(x)), len(x))
 
     def merge(self, other: "Reservoir") -> "Reservoir":
@@ -94,23 +139,29 @@ class Reservoir:
             return self
         return self._offer(other.rows, other._keys, other.count)
 
-    def _offer(self, rows: np.ndarray, keys: np.ndarray, seen: int) -> "Reservoir":
-        """Keep the `size` smallest keys of the current sample and `rows` (keyed `keys`), out of `seen` rows."""
+    def _offer(self, rows: np.ndarray, keys: np.ndarray, seen: int, picks: np.ndarray | None = None) -> "Reservoir":
+        """Keep the `size` smallest keys of the current sample and the offered rows, out of `seen` rows.
+
+        The offered rows are `rows[picks]` (all of `rows` when `picks` is None), keyed `keys`; they
+        are never gathered: each row is copied once, straight into its slot, when it enters.
+        """
         if self._rows is not None and rows.shape[1] != self._rows.shape[1]:
             raise ConfigError(f"cannot add rows of {rows.shape[1]} features to a reservoir of {self._rows.shape[1]}")
         if self._rows is not None and np.result_type(self._rows.dtype, rows.dtype) != self._rows.dtype:
             self._rows, self._shared = self._rows.astype(np.result_type(self._rows.dtype, rows.dtype)), False
         self.count += int(seen)
+        if picks is None:
+            picks = np.arange(len(keys))
         filled = len(self._keys)
         room = self.size - filled
-        if room > 0:  # not full: take the first `room` rows as they come (then compete for the rest)
-            take = rows[:room]
-            self._grow(filled + len(take), take)
-            self._rows[filled : filled + len(take)] = take
-            self._keys = np.concatenate([self._keys, keys[:room]])
-            rows, keys = rows[room:], keys[room:]
-            if len(keys) == 0:
-                return self
+        if room > 0 and len(keys):  # not full: take the first `room` rows as they come (then compete for the rest)
+            take = min(room, len(keys))
+            self._grow(filled + take, rows)
+            self._put(np.arange(filled, filled + take), rows, picks[:take])
+            self._keys = np.concatenate([self._keys, keys[:take]])
+            keys, picks = keys[take:], picks[take:]
+        if len(keys) == 0:
+            return self
         candidates = np.flatnonzero(keys < self._keys.max())  # indices: rows are copied once, on entry
         if len(candidates) == 0:
             return self
@@ -123,12 +174,16 @@ class Reservoir:
         leaving[kept[kept < self.size]] = False
         slots = np.flatnonzero(leaving)
         self._own()
-        if rows.dtype == self._rows.dtype and rows.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
-            _move_rows(self._rows, slots, rows, entering)
-        else:  # other dtypes, strided views, rows narrower than the sample's dtype
-            self._rows[slots] = rows[entering]
+        self._put(slots, rows, picks[entering])
         self._keys[slots] = keys[entering]
         return self
+
+    def _put(self, slots: np.ndarray, rows: np.ndarray, picks: np.ndarray) -> None:
+        """self._rows[slots] = rows[picks], one copy of each row."""
+        if rows.dtype == self._rows.dtype and rows.dtype in (np.float32, np.float64) and rows.flags.c_contiguous:
+            _move_rows(self._rows, slots, rows, picks)
+        else:  # other dtypes, strided views, rows narrower than the sample's dtype
+            self._rows[slots] = rows[picks]
 
     def _own(self) -> None:
         """Copy `_rows` before the first write into it while a state dict shares it."""
@@ -140,13 +195,14 @@ class Reservoir:
         """Make room for `needed` rows (at least twice as many, capped at `size`) of `like`'s width and dtype.
 
         Twice `needed`, not `needed`: a first batch of half the size or more allocates the whole
-        sample at once instead of filling it in two allocations and a copy.
+        sample at once instead of filling it in two allocations and a copy. After `expect` the first
+        allocation holds the whole final sample (its row count is known), however few rows enter per batch.
         """
         dtype = like.dtype if self._rows is None else np.result_type(self._rows.dtype, like.dtype)
         if self._rows is not None and len(self._rows) >= needed and dtype == self._rows.dtype:
             self._own()
             return
-        capacity = min(self.size, 2 * max(needed, 0 if self._rows is None else len(self._rows)))
+        capacity = min(self.size, max(2 * max(needed, 0 if self._rows is None else len(self._rows)), self._final))
         grown = np.empty((capacity, like.shape[1]), dtype=dtype)
         if self._rows is not None:
             grown[: len(self._keys)] = self._rows[: len(self._keys)]
@@ -170,6 +226,7 @@ class Reservoir:
         self._rows = None if state["rows"] is None else np.asarray(state["rows"])
         self._shared = self._rows is not None
         self._keys = np.array(state["keys"], dtype=np.float64, copy=True)
+        self._planned, self._threshold, self._final = np.empty(0, dtype=np.float64), np.inf, 0
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         return self

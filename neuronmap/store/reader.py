@@ -91,17 +91,28 @@ class Run:
         return out
 
     def iter_batches(self, layer: str, rows: tuple[int, int] | slice | None = None,
-                     batch_size: int = 4096) -> Iterator[np.ndarray]:
+                     batch_size: int = 4096, copy: bool = True) -> Iterator[np.ndarray]:
         """Yield `layer` in row order as arrays of `batch_size` rows (the last may be shorter).
 
         Reads one shard slice at a time; memory stays O(batch_size), whatever the layer's size.
+
+        copy=False is for callers that only read each batch (the `stats` analysis): a batch may
+        then be a read-only view mapped from an uncompressed HDF5 shard instead of a copy read
+        through HDF5 (`ShardReader`); it stays valid as long as it is referenced, and holds the
+        mapping of its own rows only. Other shards (compressed, chunked, Parquet), batches that
+        straddle two shards, and runs whose reads go through an override of `_iter_field` (remote
+        runs) still give ordinary arrays.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
         start, end = self._rows(layer, rows)
         pending: list[np.ndarray] = []
         have = 0
-        for chunk in self._iter_field(layer, "activations", start, end, int(batch_size)):
+        if copy or type(self)._iter_field is not Run._iter_field:
+            chunks = self._iter_field(layer, "activations", start, end, int(batch_size))
+        else:
+            chunks = self._iter_field(layer, "activations", start, end, int(batch_size), copy=False)
+        for chunk in chunks:
             while len(chunk):
                 take = min(batch_size - have, len(chunk))
                 pending.append(chunk[:take])
@@ -152,8 +163,12 @@ class Run:
             out[position : position + len(chunk)] = chunk
             position += len(chunk)
 
-    def _iter_field(self, layer: str, field: str, start: int, end: int, max_rows: int) -> Iterator[np.ndarray]:
-        """Yield `field` for rows [start, end) in order; RunFormatError on rows no shard holds."""
+    def _iter_field(self, layer: str, field: str, start: int, end: int, max_rows: int,
+                    copy: bool = True) -> Iterator[np.ndarray]:
+        """Yield `field` for rows [start, end) in order; RunFormatError on rows no shard holds.
+
+        copy=False: pieces may be read-only views mapped from the shard files (`ShardReader.iter_chunks`).
+        """
         info = self.layer_info(layer)
         position = start
         for shard in self.manifest.shards_of(layer):
@@ -167,7 +182,7 @@ class Run:
                     raise RunFormatError(f"shard {shard.path} has {reader.n_rows} rows, the manifest says "
                                          f"{shard.n_rows}; run `neuronmap runs verify`")
                 stop = min(end, hi)
-                yield from reader.iter_chunks(field, position - lo, stop - lo, max_rows)
+                yield from reader.iter_chunks(field, position - lo, stop - lo, max_rows, copy=copy)
             position = stop
         if position < end:
             raise RunFormatError(f"rows [{position}, {end}) of layer {layer} are not in any committed shard "

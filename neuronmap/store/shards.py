@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -299,13 +300,23 @@ def _write_parquet(path, layer, activations, sample_ids, token_index, compressio
 
 
 class ShardReader:
-    """Reads row ranges of one shard file. Use as a context manager; rows are local to the shard."""
+    """Reads row ranges of one shard file. Use as a context manager; rows are local to the shard.
+
+    Reads return ordinary writable arrays (copies). With ``copy=False`` a caller that only reads
+    may get read-only views of the file instead (`mapped_layout`): an uncompressed HDF5 dataset is
+    stored contiguously at a known offset, so its rows can be mapped (`mmap`, pages populated
+    up front) rather than copied through HDF5. Each view holds its own mapping of just its rows (its
+    base owns it): it stays valid after the reader is closed, and the mapping goes when the last
+    array referring to it does, so memory held is what the caller keeps alive.
+    """
 
     def __init__(self, path: str | os.PathLike, format: str, shape: tuple[int, ...], dtype: str):
         self.path = Path(path)
         self.format = format
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
+        self._layouts: dict[str, tuple[int, np.dtype, tuple[int, ...]] | None] = {}
+        self._fd: int | None = None
         try:
             if format == "hdf5":
                 self._h5 = h5py.File(self.path, "r")
@@ -326,10 +337,41 @@ class ShardReader:
         self.close()
 
     def close(self) -> None:
+        if self._fd is not None:  # views mapped from it keep their own mappings
+            os.close(self._fd)
+            self._fd = None
         if self.format == "hdf5":
             self._h5.close()
         else:
             self._pq.close()
+
+    def mapped_layout(self, field: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
+        """(byte offset, dtype, row shape) of `field` when its rows can be mapped instead of read, else None.
+
+        Mappable: an HDF5 dataset with contiguous layout (no chunks, hence no filters), no external
+        storage, its space allocated, a plain numeric dtype in native byte order, and the file long
+        enough to hold all of it (a truncated file read through a mapping would kill the process
+        with SIGBUS; h5py raises an error instead). Parquet shards and compressed or chunked HDF5
+        datasets are never mappable.
+        """
+        if field in self._layouts:
+            return self._layouts[field]
+        layout = None
+        if self.format == "hdf5" and field in self._h5:
+            dataset = self._h5[field]
+            found = _contiguous_layout(dataset)
+            if found is not None:
+                nbytes = int(np.prod(dataset.shape, dtype=np.int64)) * found[1].itemsize
+                if self.path.stat().st_size >= found[0] + nbytes:
+                    layout = (*found, tuple(dataset.shape[1:]))
+        self._layouts[field] = layout
+        return layout
+
+    def _mapped(self, lo: int, hi: int, layout: tuple[int, np.dtype, tuple[int, ...]]) -> np.ndarray:
+        """Read-only view of local rows [lo, hi) of a mappable field, backed by a mapping of those rows."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return _map_rows(self._fd, *layout, lo, hi)
 
     def has(self, field: str) -> bool:
         if self.format == "hdf5":
@@ -337,13 +379,22 @@ class ShardReader:
         column = "activation" if field == "activations" else field
         return column in self._pq.schema_arrow.names
 
-    def iter_chunks(self, field: str, start: int, stop: int, max_rows: int) -> Iterator[np.ndarray]:
+    def iter_chunks(self, field: str, start: int, stop: int, max_rows: int, copy: bool = True) -> Iterator[np.ndarray]:
         """Yield `field` for local rows [start, stop) in order, in pieces of at most `max_rows` rows
-        (Parquet: at most one row group per piece, so each group is decoded once)."""
+        (Parquet: at most one row group per piece, so each group is decoded once).
+
+        copy=False: pieces may be read-only views mapped from the file (see the class docstring),
+        one mapping per piece; where the shard is not mappable they are ordinary reads.
+        """
         if not self.has(field):
             raise RunFormatError(f"shard {self.path} has no {field!r}")
         try:
             if self.format == "hdf5":
+                layout = None if copy else self.mapped_layout(field)
+                if layout is not None:
+                    for lo in range(start, stop, max_rows):
+                        yield self._mapped(lo, min(stop, lo + max_rows), layout)
+                    return
                 dataset = self._h5[field]
                 for lo in range(start, stop, max_rows):
                     yield dataset[lo : min(stop, lo + max_rows)]
@@ -365,10 +416,10 @@ class ShardReader:
         except (OSError, pa.ArrowException) as error:
             raise RunFormatError(f"shard {self.path} cannot be read: {_one_line(error)}; run `neuronmap runs verify`") from None
 
-    def read(self, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """`field` for local rows [start, stop) as one array."""
+    def read(self, field: str, start: int = 0, stop: int | None = None, copy: bool = True) -> np.ndarray:
+        """`field` for local rows [start, stop) as one array (copy=False: maybe a read-only mapped view)."""
         stop = self.n_rows if stop is None else stop
-        pieces = list(self.iter_chunks(field, start, stop, max(1, stop - start)))
+        pieces = list(self.iter_chunks(field, start, stop, max(1, stop - start), copy=copy))
         if pieces:
             return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         return self._empty(field)
@@ -384,6 +435,48 @@ class ShardReader:
             flat = array.flatten().to_numpy(zero_copy_only=False)
             return flat.reshape((len(array), *self.shape))
         return array.to_numpy(zero_copy_only=False)
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault every page in at mmap time, not one by one
+# Mappings start at a multiple of 2 MiB of the file: the kernel can then map the page cache's large
+# folios with 2 MiB entries (FilePmdMapped), and the statistics kernel reads the rows ~10% faster
+# than through 4 KiB pages (fewer TLB misses). Costs at most 2 MiB more mapped per view.
+_MAP_ALIGN = max(2 << 20, mmap.ALLOCATIONGRANULARITY)
+
+
+def _contiguous_layout(dataset: h5py.Dataset) -> tuple[int, np.dtype] | None:
+    """(file offset, dtype) of a dataset stored as one contiguous run of native-order numbers, else None."""
+    dtype = dataset.dtype
+    if dataset.chunks is not None or dataset.is_virtual or dtype.kind not in "biuf" or not dtype.isnative:
+        return None
+    plist = dataset.id.get_create_plist()
+    if (plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters() != 0
+            or plist.get_external_count() != 0):
+        return None
+    offset = dataset.id.get_offset()  # None while the space is not allocated
+    return None if offset is None else (int(offset), dtype)
+
+
+def _map_rows(fd: int, offset: int, dtype: np.dtype, row_shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
+    """Read-only (hi - lo, *row_shape) view of rows [lo, hi) of a contiguous array at byte `offset` of `fd`.
+
+    Only those rows' pages are mapped (from the 2 MiB boundary below them, `_MAP_ALIGN`), so a view
+    holds little more of the file than it shows. The returned array's base is the mmap object: the mapping
+    lives exactly as long as some array refers to it (unmapped when the last one is collected).
+    """
+    per_row = int(np.prod(row_shape, dtype=np.int64))
+    if hi <= lo or per_row == 0:
+        return np.empty((max(hi - lo, 0), *row_shape), dtype=dtype)
+    begin = offset + lo * per_row * dtype.itemsize
+    length = (hi - lo) * per_row * dtype.itemsize
+    aligned = begin - begin % _MAP_ALIGN
+    if hasattr(mmap, "MAP_SHARED"):  # POSIX: flags and prot (access= cannot be combined with MAP_POPULATE)
+        mapping = mmap.mmap(fd, begin + length - aligned, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                            prot=mmap.PROT_READ, offset=aligned)
+    else:
+        mapping = mmap.mmap(fd, begin + length - aligned, access=mmap.ACCESS_READ, offset=aligned)
+    return np.frombuffer(mapping, dtype=dtype, count=(hi - lo) * per_row,
+                         offset=begin - aligned).reshape((hi - lo, *row_shape))
 
 
 def _one_line(error: BaseException) -> str:

@@ -177,6 +177,61 @@ def test_reservoir_state_dict_shares_rows_but_never_changes_afterwards():
     assert loaded.count == 3000 and loaded.state_dict()["rng"] == reference.state_dict()["rng"]
 
 
+@pytest.mark.parametrize("start", [0, 40, 256])
+def test_reservoir_expect_keeps_the_same_sample_and_generator_state(start):
+    """Keys drawn up front for announced rows are the keys `add` draws batch by batch: same bottom-k sample."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((5000, 4)).astype(np.float32)
+    plain, planned = Reservoir(256, seed=3), Reservoir(256, seed=3)
+    plain.add(x[:start])
+    planned.add(x[:start])  # the sample may be empty, partly filled or full when rows are announced
+    planned.expect(4000)
+    for part in random_split(x[start : start + 4000], rng, 9):
+        plain.add(part)
+        planned.add(part)
+    for reservoir in (plain, planned):  # rows past the announced ones draw their keys as they come
+        reservoir.add(x[start + 4000 :])
+    order_plain, order_planned = np.argsort(plain._keys), np.argsort(planned._keys)
+    np.testing.assert_array_equal(planned._keys[order_planned], plain._keys[order_plain])
+    np.testing.assert_array_equal(planned.rows[order_planned], plain.rows[order_plain])
+    assert planned.count == plain.count == 5000
+    assert planned.state_dict()["rng"] == plain.state_dict()["rng"]
+    np.testing.assert_array_equal(planned.percentiles([5, 50, 95]), plain.percentiles([5, 50, 95]))
+    # the sample is the rows of the 256 smallest keys among all 5000 draws of the generator
+    keys = np.random.default_rng(3).random(5000)
+    np.testing.assert_array_equal(np.sort(planned._keys), np.sort(keys)[:256])
+
+
+def test_reservoir_expect_refuses_a_sample_read_before_the_announced_rows_came():
+    x = np.random.default_rng(14).standard_normal((100, 2))
+    reservoir = Reservoir(10, seed=0).expect(100).add(x[:60])
+    with pytest.raises(ConfigError, match="expects 40 rows"):
+        reservoir.state_dict()
+    with pytest.raises(ConfigError, match="expects 40 rows"):
+        Reservoir(10).merge(reservoir)
+    reservoir.add(x[60:])
+    np.testing.assert_array_equal(np.sort(reservoir._keys), np.sort(np.random.default_rng(0).random(100))[:10])
+    small = Reservoir(500, seed=0).expect(100).add(x)  # fewer rows than the size: all of them, exact
+    assert small.exact and len(small.rows) == 100
+    np.testing.assert_array_equal(small.rows, x)
+    with pytest.raises(ConfigError, match="n_rows=-1"):
+        Reservoir(10).expect(-1)
+
+
+def test_stats_of_mapped_hdf5_shards_equal_those_of_parquet_copies(tmp_path):
+    """`stats` reads uncompressed HDF5 shards as mapped views and Parquet shards as copies: same result."""
+    x = (data(15, n=2000) * 3).astype(np.float32)
+    params = {"reservoir_size": 150, "percentiles": [1, 50, 99]}
+    results = {}
+    for fmt in ("hdf5", "parquet"):
+        run = write_synthetic_run(tmp_path / fmt, {"blocks.0": x}, samples_per_shard=450, format=fmt)
+        results[fmt] = analyze(run, "stats", params=params)
+    for name in ("mean", "std", "kurtosis", "min", "max", "sparsity", "percentiles"):
+        np.testing.assert_array_equal(results["hdf5"].array(name), results["parquet"].array(name), err_msg=name)
+    np.testing.assert_allclose(results["hdf5"].array("mean"), x.astype(np.float64).mean(axis=0), rtol=1e-9)
+    assert results["hdf5"].metrics("blocks.0")["percentiles_exact"] is False
+
+
 def test_percentiles_of_float32_rows_equal_numpy_in_float64():
     x = (np.random.default_rng(12).standard_normal((999, 7)) * 100).astype(np.float32)
     reservoir = Reservoir(size=2000).add(x)

@@ -33,14 +33,38 @@ class StatsParams(Params):
         return values
 
 
+# Shard rows whose reservoir keys are drawn up front (8 bytes each); larger inputs draw them per batch.
+_EXPECT_MAX_ROWS = 1 << 24
+
+
 def stats_shard(data: LayerInput, params: StatsParams) -> dict[str, Any]:
-    """Partial result of one shard: RunningStats and Reservoir state dicts."""
+    """Partial result of one shard: RunningStats and Reservoir state dicts.
+
+    The shard's row count is known, so the reservoir draws every row's key up front (`expect`) and
+    copies only the rows that end in the sample, each once: the same keys, hence the same sample, as
+    drawing them batch by batch.
+    """
     stats = RunningStats(params.eps)
     reservoir = Reservoir(params.reservoir_size, seed=params.seed + data.ranges[0][0])
-    for batch in data.iter_batches():
+    if data.n_rows <= _EXPECT_MAX_ROWS:
+        reservoir.expect(data.n_rows)
+    for batch in _read_only_batches(data):
         stats.add(batch)
         reservoir.add(batch)
     return {"stats": stats.state_dict(), "reservoir": reservoir.state_dict()}
+
+
+def _read_only_batches(data: LayerInput):
+    """`data.iter_batches()`, but batches of uncompressed HDF5 shards are read-only views mapped
+    from the file (`Run.iter_batches(copy=False)`) rather than copies read through HDF5.
+
+    Both consumers only read a batch (the statistics kernel reads each value once; the reservoir
+    copies the rows it keeps), so the copy h5py makes would be pure cost: the kernel reads the
+    mapped page-cache pages directly. Each batch maps only its own rows and is unmapped once dropped.
+    """
+    for start, end in data.ranges:
+        for batch in data.run.iter_batches(data.layer, rows=(start, end), batch_size=data.batch_size, copy=False):
+            yield batch.reshape(len(batch), -1).astype(data.dtype, copy=False)
 
 
 def stats_reduce(data: LayerInput, states: Iterable[dict[str, Any]], params: StatsParams) -> AnalysisResult:
