@@ -68,11 +68,20 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush a closed file's data to disk."""
+def sync_and_hash(path: str | os.PathLike, block: int = 1 << 20) -> tuple[str, int]:
+    """Flush a closed file to disk and return its (hex sha256, size): writeback first, then the hash.
+
+    The disk starts on the file (`start_writeback`) before it is read back and hashed from the page
+    cache, so the fsync at the end waits only for what the hash did not cover.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
+        start_writeback(fd)
+        digest = _hasher()
+        while chunk := os.read(fd, block):
+            digest.update(chunk)
         os.fsync(fd)
+        return digest.hexdigest(), os.fstat(fd).st_size
     finally:
         os.close(fd)
 
@@ -97,8 +106,7 @@ def write_shard_file(
         _write_hdf5(path, layer, activations, sample_ids, token_index, compression, attrs or {})
     else:
         _write_parquet(path, layer, activations, sample_ids, token_index, compression, attrs or {})
-    fsync_file(path)
-    return sha256_file(path), os.path.getsize(path)
+    return sync_and_hash(path)
 
 
 def _h5_attrs(f: h5py.File, layer: str, activations: np.ndarray, attrs: dict) -> None:
@@ -294,9 +302,7 @@ def _write_parquet(path, layer, activations, sample_ids, token_index, compressio
         pq.write_table(
             table, fh, row_group_size=max(1, ROW_GROUP_BYTES // row_bytes), compression=compression or "none",
             use_dictionary=False, write_statistics=stats,
-        )
-        fh.flush()
-        os.fsync(fh.fileno())
+        )  # flushed at close; write_shard_file syncs and hashes it
 
 
 class ShardReader:

@@ -42,17 +42,20 @@ def test_same_arrays_give_the_same_uncompressed_bytes(tmp_path):
     assert [s.sha256 for s in load_manifest(first.path).shards] == [s.sha256 for s in load_manifest(second.path).shards]
 
 
-def test_writeback_is_started_before_the_fsync(tmp_path, monkeypatch):
-    """The disk starts on the activations while they are hashed (Linux); the bytes stay the same."""
+@pytest.mark.parametrize("fmt,compression", [("hdf5", None), ("hdf5", "gzip"), ("parquet", None)])
+def test_writeback_is_started_before_the_fsync(tmp_path, monkeypatch, fmt, compression):
+    """Every shard path sets the disk going before it hashes (Linux), then fsyncs once; bytes unchanged."""
     calls = []
     original_fsync = os.fsync
     monkeypatch.setattr(shards, "start_writeback", lambda fd: calls.append(("writeback", fd)))
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or original_fsync(fd))
     data = np.arange(64, dtype=np.float32).reshape(8, 8)
-    write_shard_file(tmp_path / "a.h5", "hdf5", "blocks.0", data, np.arange(8), None)
+    path = tmp_path / ("a.h5" if fmt == "hdf5" else "a.parquet")
+    digest, size = write_shard_file(path, fmt, "blocks.0", data, np.arange(8), None, compression)
     assert [name for name, _ in calls] == ["writeback", "fsync"] and calls[0][1] == calls[1][1]
-    with h5py.File(tmp_path / "a.h5", "r") as f:
-        np.testing.assert_array_equal(f["activations"][...], data)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest() and size == path.stat().st_size
+    with shards.ShardReader(path, fmt, (8,), "float32") as reader:
+        np.testing.assert_array_equal(reader.read("activations"), data)
 
 
 @pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="sync_file_range is Linux only")
