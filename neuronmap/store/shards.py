@@ -417,6 +417,8 @@ class ShardReader:
                     continue
                 table = self._pq.read_row_group(group, columns=[column])
                 values = self._column_to_numpy(table.column(column).slice(lo - g0, hi - lo))
+                if copy and not values.flags.writeable:  # a view of Arrow's buffers: reads give own arrays
+                    values = values.copy()
                 for a in range(0, len(values), max_rows):
                     yield values[a : a + max_rows]
         except (OSError, pa.ArrowException) as error:

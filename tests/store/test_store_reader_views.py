@@ -96,8 +96,11 @@ def test_compressed_chunked_and_parquet_shards_fall_back_to_ordinary_reads(tmp_p
                 got = reader.read("activations", copy=False)
                 assert not _base_is_mapping(got)
                 np.testing.assert_array_equal(got, reader.read("activations"))
-                # (Parquet pieces are pyarrow's read-only buffers with or without copy=False)
+                # copy=False: Parquet pieces may be pyarrow's read-only buffers; ordinary reads own theirs
                 assert got.flags.writeable == (fmt == "hdf5")
+                assert reader.read("activations").flags.writeable
+        assert run.array(layer).flags.writeable
+        assert all(batch.flags.writeable for batch in run.iter_batches(layer, batch_size=2))
         batches = list(run.iter_batches(layer, batch_size=2, copy=False))
         assert not any(_base_is_mapping(b) for b in batches)
         np.testing.assert_array_equal(np.concatenate(batches), written.arrays[layer])
