@@ -65,7 +65,7 @@ def assert_same_units(local, remote):
     ("cka", {"method": "debiased"}, 6, 4 + 6),
     ("cka", {"method": "minibatch", "minibatch_size": 16}, 6, 6),     # no shared layer work: one task per pair
     ("cka", {"other_run": "OTHER"}, 16, 4 + 4 + 16),  # 4 layers of each run + 4 x 4 ordered pairs
-    ("evolution", {}, 3, 3),                                          # consecutive pairs
+    ("evolution", {}, 3, 4 + 3),                      # 4 layers once (self-moments, norms) + 3 consecutive pairs
 ])
 def test_one_ray_task_per_layer_pair_and_the_local_numbers(ray_cluster, runs, name, params, n_units, n_tasks):
     run, other = runs
