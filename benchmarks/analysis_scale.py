@@ -18,12 +18,16 @@ What is measured (numbers and the exact commands in benchmarks/BENCHMARKS.md, "A
      the analyses; the mean is the reference). ``store read``: the same rows through
      ``Run.iter_batches`` (neuronmap's reader).
    - ``stats``: ``analyze(run, "stats")`` over every layer (one pass; per-shard partials folded into
-     the running result as they arrive; the default local engine: one shard after another, one
-     core); ``stats_2_workers``: the same with ``engine=LocalEngine(workers=2)`` (two shard tasks at
-     once on threads); ``stats_reservoir_1024``: the same as ``stats`` with ``reservoir_size=1024``
-     (the percentile sample each shard's partial carries); ``stats_copied_reads``: the same as
-     ``stats`` with every batch read through h5py into a fresh array (what ``stats`` did before it
-     read uncompressed HDF5 shards as mapped read-only views), the baseline of that change.
+     the running result as they arrive; the default local engine: one shard task per core on
+     threads, at most 4); ``stats_1_worker``: the same with ``engine=LocalEngine(workers=1)`` (one
+     shard after another, one core); ``stats_2_workers``: ``LocalEngine(workers=2)``;
+     ``stats_second_call``: the default engine, timed on the second ``analyze`` call of the same
+     process (what a notebook, the dashboard or a Serve replica pays once numba's first-call set-up is
+     behind it; the first call's time is in the JSON); ``stats_reservoir_1024``: the same as
+     ``stats`` with ``reservoir_size=1024`` (the percentile sample each shard's partial carries);
+     ``stats_copied_reads``: the same as ``stats`` with every batch read through h5py into a fresh
+     array (what ``stats`` did before it read uncompressed HDF5 shards as mapped read-only views),
+     the baseline of that change.
    - ``pca``: ``analyze(run, "pca", method="incremental", n_components=--pca-components, project=0)``
      (one streamed pass: the float64 covariance accumulated with BLAS, then one eigendecomposition)
      over every layer.
@@ -112,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gram-n", type=int, default=None, help="n of the Gram form (default: largest in budget)")
     parser.add_argument("--steps", type=lambda v: v.split(","), default=None,
                         help="part 1 steps to run, comma-separated (default all): direct_read, raw_read_before, "
-                             "store_read, stats, stats_2_workers, stats_reservoir_1024, stats_copied_reads, "
+                             "store_read, stats, stats_1_worker, stats_2_workers, stats_second_call, stats_reservoir_1024, "
+                             "stats_copied_reads, "
                              "pca_incremental, cka_minibatch, "
                              "raw_read_after")
     parser.add_argument("--skip-scale", action="store_true", help="skip part 1 (the large run)")
@@ -264,11 +269,13 @@ def child_store_read(run: str, batch_size: int) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes": total}
 
 
-def child_analysis(run: str, name: str, params: str, batch_size: int, workers: int = 0, copied: int = 0) -> dict:
+def child_analysis(run: str, name: str, params: str, batch_size: int, workers: int = 0, copied: int = 0,
+                   calls: int = 1) -> dict:
     """`analyze` on the default local engine, or on `LocalEngine(workers)` when workers > 0.
 
     copied=1: `stats` reads its batches through h5py copies (`LayerInput.iter_batches`) instead of
-    mapped views, for the A/B of the mapped reads.
+    mapped views, for the A/B of the mapped reads. calls > 1: `analyze` runs that many times in this
+    process; `seconds` is the last call's, `call_seconds` all of them.
     """
     from neuronmap.analysis import LocalEngine, analyze, list_analyses
     from neuronmap.store import open_run
@@ -280,15 +287,18 @@ def child_analysis(run: str, name: str, params: str, batch_size: int, workers: i
         statistics._read_only_batches = lambda data: data.iter_batches()
     handle = open_run(run)
     total = sum(handle.n_rows(layer) * handle.layer_info(layer).size * 4 for layer in handle.layers)
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        artifact = analyze(run, name, params=json.loads(params), batch_size=batch_size, force=True,
-                           engine=LocalEngine(workers=workers) if workers else "local")
-    seconds = time.perf_counter() - started
+    call_seconds = []
+    for _ in range(max(1, calls)):
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            artifact = analyze(run, name, params=json.loads(params), batch_size=batch_size, force=True,
+                               engine=LocalEngine(workers=workers) if workers else "local")
+        call_seconds.append(time.perf_counter() - started)
     headline = {unit: {k: v for k, v in artifact.metrics(unit).items() if isinstance(v, (int, float))}
                 for unit in artifact.units}
-    return {"seconds": seconds, "bytes": total, "metrics": headline}
+    return {"seconds": call_seconds[-1], "call_seconds": call_seconds, "bytes": total, "metrics": headline,
+            "workers": workers or LocalEngine().workers}
 
 
 def child_kernel(width: int, batch_size: int, seconds: float = 2.0) -> dict:
@@ -386,7 +396,7 @@ def child_main(argv: list[str]) -> None:
     elif kind == "store-read":
         out = child_store_read(rest[0], int(rest[1]))
     elif kind == "analysis":
-        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]), *(int(v) for v in rest[4:6]))
+        out = child_analysis(rest[0], rest[1], rest[2], int(rest[3]), *(int(v) for v in rest[4:7]))
     elif kind == "kernel":
         out = child_kernel(int(rest[0]), int(rest[1]))
     elif kind == "cka-pairs-per-pair":
@@ -437,7 +447,9 @@ def part_scale(args: argparse.Namespace) -> dict:
             ("raw_read_before", ["raw-read", str(run), b]),
             ("store_read", ["store-read", str(run), b]),
             ("stats", ["analysis", str(run), "stats", "{}", b]),
+            ("stats_1_worker", ["analysis", str(run), "stats", "{}", b, "1"]),
             ("stats_2_workers", ["analysis", str(run), "stats", "{}", b, "2"]),
+            ("stats_second_call", ["analysis", str(run), "stats", "{}", b, "0", "0", "2"]),
             ("stats_reservoir_1024", ["analysis", str(run), "stats", json.dumps({"reservoir_size": 1024}), b]),
             ("stats_copied_reads", ["analysis", str(run), "stats", "{}", b, "0", "1"]),
             ("pca_incremental", ["analysis", str(run), "pca", json.dumps(
@@ -456,7 +468,8 @@ def part_scale(args: argparse.Namespace) -> dict:
                   flush=True)
         raws = [report[key]["throughput_mb_s"] for key in ("raw_read_before", "raw_read_after") if key in report]
         raw = report["raw_read_mb_s"] = sum(raws) / len(raws) if raws else None
-        for key in ("direct_read", "store_read", "stats", "stats_2_workers", "stats_reservoir_1024",
+        for key in ("direct_read", "store_read", "stats", "stats_1_worker", "stats_2_workers", "stats_second_call",
+                    "stats_reservoir_1024",
                     "stats_copied_reads", "pca_incremental", "cka_minibatch"):
             if key in report and raw:
                 report[key]["ratio_to_raw_read"] = report[key]["throughput_mb_s"] / raw

@@ -172,7 +172,7 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "n_samples": manifest.n_samples, "n_tokens": manifest.n_tokens, "n_truncated": manifest.n_truncated,
         "layers": {name: info.shape for name, info in manifest.layers.items()},
         "shards": len(manifest.shards), "bytes": total_bytes, "created": manifest.created,
-        "prompt_columns": [c for c in run.prompts.columns if c not in ("sample_id", "text")],
+        "prompt_columns": [c for c in run.prompt_columns if c not in ("sample_id", "text")],
     }
 
 

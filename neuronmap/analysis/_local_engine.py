@@ -1,15 +1,16 @@
 """The in-process analysis engine, and warning capture that stays right when tasks run on threads.
 
-`LocalEngine(workers=1)` runs every task in this process. `map` is one task after another. `imap`
-(what the runner uses for per-shard partials) is lazy with one worker: a task runs only when its
-result is asked for. With `workers > 1` it runs up to that many tasks at once on threads, still
-yielding results in order, with at most `workers` running or finished ahead of the caller. A per-shard `stats` task spends
-most of its time in code that releases the GIL (the compiled statistics kernel, numpy copies), and
-now reads uncompressed HDF5 shards as mapped views rather than through h5py (whose reads run one at
-a time), so with a free second core two workers fold an 8 GB run 1.2-1.6x faster, even in a fresh
-process. But with the other core busy it is a wash or a loss, and a whole `neuronmap analyze`
-process (imports included) gained nothing on the shared development machine (`benchmarks/BENCHMARKS.md`,
-"Analysis at scale"). Hence one worker by default (``get_engine("local")``); ask for more explicitly.
+`LocalEngine()` runs every task in this process. `map` is one task after another. `imap` (what the
+runner uses for per-shard partials, i.e. `stats`) runs up to `workers` tasks at once on threads,
+yielding results in order, with at most `workers` running or finished ahead of the caller; with one
+worker it is lazy (a task runs only when its result is asked for). A per-shard `stats` task spends
+almost all of its time in code that releases the GIL (the compiled statistics kernel over mapped
+page-cache pages, the reservoir's row copies), so threads scale with cores: on the 2-CPU
+development machine two workers fold an 8 GB run ~1.4x faster than one (`benchmarks/BENCHMARKS.md`,
+"Analysis at scale"). Hence the default: one worker per core this process may run on, at most 4
+(past that the pass is bound by memory bandwidth, and each worker holds a shard partial). The
+numbers do not depend on it: partials are merged in shard order whatever finishes first.
+`LocalEngine(workers=1)` is the serial, lazy form.
 
 `capture_warnings()` records the warnings raised by the calling thread only. `warnings.catch_warnings`
 swaps process-wide state: two threads inside it at once restore each other's state in the wrong
@@ -21,6 +22,7 @@ back.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections import deque
@@ -31,18 +33,33 @@ from typing import Any, Callable, Iterator
 from ..errors import ConfigError
 
 
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (its CPU affinity), at most MAX_DEFAULT_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
 class LocalEngine:
     """Everything in this process: `map` one task after the other, `imap` on up to `workers` threads.
 
     Parameters
     ----------
-    workers : int, default=1
-        Tasks `imap` runs at once (threads). 1: lazily, one task when its result is asked for.
+    workers : int or None, default=None
+        Tasks `imap` runs at once (threads). None: `default_workers()` (one per usable core, at most
+        4). 1: lazily, one task when its result is asked for.
     """
 
     name = "local"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int | None = None):
+        if workers is None:
+            workers = default_workers()
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers={workers!r} must be an integer >= 1")
         self.workers = workers

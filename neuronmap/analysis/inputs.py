@@ -67,6 +67,7 @@ class LayerInput:
     ranges: Ranges
     labels_column: str | None = None
     batch_size: int = 4096
+    partition: tuple[tuple[int, int], ...] | None = field(default=None, repr=False)
     _run: Run | None = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -98,14 +99,19 @@ class LayerInput:
         return np.dtype(np.float32) if stored == np.float16 else stored
 
     def shard_inputs(self) -> list["LayerInput"]:
-        """One input per committed shard (its part of `ranges`), in row order."""
-        out = []
+        """One input per committed shard (its part of `ranges`), in row order.
+
+        Each carries `partition`: (first row, rows) of every part, so a shard task can know the whole
+        it will be merged into (the `stats` reservoir keeps only rows the merged sample will hold).
+        """
+        parts = []
         for shard in self.run.shards(self.layer):
             part = intersect_ranges(self.ranges, ((shard.rows[0], shard.rows[1]),))
             if part:
-                out.append(LayerInput(self.run_path, self.manifest, self.layer, part, self.labels_column,
-                                      self.batch_size))
-        return out
+                parts.append(part)
+        partition = tuple((part[0][0], sum(end - start for start, end in part)) for part in parts)
+        return [LayerInput(self.run_path, self.manifest, self.layer, part, self.labels_column, self.batch_size,
+                           partition) for part in parts]
 
     def iter_batches(self, batch_size: int | None = None) -> Iterator[np.ndarray]:
         """Yield (rows, n_features) arrays over `ranges` in row order; memory O(batch_size)."""

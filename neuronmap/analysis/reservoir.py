@@ -38,6 +38,32 @@ def _move_rows(dst, slots, src, picks):  # pragma: no cover - compiled (covered 
             dst[target, j] = src[source, j]
 
 
+def merged_bound(parts: Iterable[tuple[int, int]], size: int, chunk: int = 1 << 20) -> float:
+    """The largest key of the sample merged from reservoirs `Reservoir(size, seed)` that each drew
+    `n_rows` keys first (`parts`: (seed, n_rows) pairs): the size-th smallest of all those keys, or
+    inf when they are no more than `size`. Pass it to each partial's `expect(n_rows, bound=...)`.
+
+    Draws every key again (about 5 ns each), `chunk` at a time, keeping only the smallest `size` of
+    each part: memory O(chunk + size * parts), whatever the parts' sizes.
+    """
+    smallest = []
+    total = 0
+    for seed, n_rows in parts:
+        rng, left = np.random.default_rng(int(seed)), int(n_rows)
+        total += left
+        while left > 0:
+            keys = rng.random(min(chunk, left))  # draws continue the same stream: the keys `expect` draws
+            left -= len(keys)
+            smallest.append(keys if len(keys) <= size else np.partition(keys, size - 1)[:size])
+        if sum(len(k) for k in smallest) > 4 * size:
+            pooled = np.concatenate(smallest)
+            smallest = [np.partition(pooled, size - 1)[:size]]
+    if total <= size:
+        return np.inf
+    pooled = np.concatenate(smallest)
+    return float(np.partition(pooled, size - 1)[size - 1])
+
+
 class Reservoir:
     """Mergeable uniform random sample of at most `size` rows (for percentiles of huge layers).
 
@@ -82,14 +108,19 @@ class Reservoir:
     @property
     def exact(self) -> bool:
         """True while the reservoir holds every row seen."""
-        return self.count <= self.size
+        return self.count <= self.size and len(self._keys) == self.count
+
+    @property
+    def largest_key(self) -> float:
+        """The largest key in the sample (-inf while empty): the bound a merged sample must respect."""
+        return float(self._keys.max()) if len(self._keys) else -np.inf
 
     @property
     def rows(self) -> np.ndarray | None:
         self._check_settled()
         return None if self._rows is None else self._rows[: len(self._keys)]
 
-    def expect(self, n_rows: int) -> "Reservoir":
+    def expect(self, n_rows: int, bound: float = np.inf) -> "Reservoir":
         """Announce that the next `n_rows` rows added will come (in any batches) before the sample is read.
 
         Their keys are drawn now, in one call, from the same generator `add` draws from, so the keys,
@@ -100,19 +131,26 @@ class Reservoir:
         Costs 8 bytes per announced row until they arrive. Reading the sample (`rows`, `state_dict`,
         `percentiles`, merging it elsewhere) before they all arrived raises ConfigError: it would not
         be uniform. Rows beyond the announced ones draw their keys as they come, as without `expect`.
+
+        bound : float, default=inf
+            For a partial that will be merged with others whose keys are all known in advance
+            (`merged_bound`): the largest key of the merged sample. Rows keyed above it are not kept
+            even while there is room, so the partial holds only its rows that end in the merged sample
+            (about size * n_rows / total of them) instead of `size`: a shard's partial shrinks from
+            25 MB to a few hundred KB at the default size. Such a partial is a uniform sample still,
+            but it is complete only merged with the partials the bound was computed over.
         """
         if isinstance(n_rows, bool) or int(n_rows) < 0:
             raise ConfigError(f"n_rows={n_rows!r} must be an integer >= 0")
         if int(n_rows) == 0:
             return self
         self._planned = np.concatenate([self._planned, self.rng.random(int(n_rows))])
-        pooled = len(self._keys) + len(self._planned)
-        self._final = min(self.size, pooled)
-        if pooled <= self.size:
-            self._threshold = np.inf
-        else:  # the size-th smallest key of the sample so far and every planned row
-            keys = np.concatenate([self._keys, self._planned])
-            self._threshold = float(np.partition(keys, self.size - 1)[self.size - 1])
+        keys = np.concatenate([self._keys, self._planned])
+        threshold = np.inf
+        if len(keys) > self.size:  # the size-th smallest key of the sample so far and every planned row
+            threshold = float(np.partition(keys, self.size - 1)[self.size - 1])
+        self._threshold = min(threshold, float(bound))
+        self._final = min(self.size, int(np.count_nonzero(keys <= self._threshold)))
         return self
 
     def _check_settled(self) -> None:
@@ -136,6 +174,9 @@ class Reservoir:
 
     def merge(self, other: "Reservoir") -> "Reservoir":
         if other.count == 0:
+            return self
+        if other.rows is None:  # a partial cut at a merged bound may have seen rows yet kept none
+            self.count += other.count
             return self
         return self._offer(other.rows, other._keys, other.count)
 

@@ -196,14 +196,16 @@ def committed_ranges(run: Run, layer: str) -> tuple[tuple[int, int], ...]:
 
 
 def _labels_column(run: Run, spec: AnalysisSpec, labels: str | None, notes: list[str]) -> str | None:
-    columns = [c for c in run.prompts.columns if c not in ("sample_id", "text")]
+    if labels is None and not spec.needs_labels:
+        return None
+    columns = [c for c in run.prompt_columns if c not in ("sample_id", "text")]
     shown = ", ".join(columns) or "(none: the prompts had no label columns)"
     if labels is None:
         if spec.needs_labels:
             raise ConfigError(f"analysis {spec.name} needs a label column: pass --labels COLUMN "
                               f"(labels=...); run {run.path} has label columns: {shown}")
         return None
-    if labels not in run.prompts.columns or labels == "sample_id":
+    if labels not in run.prompt_columns or labels == "sample_id":
         raise ConfigError(f"label column {labels!r} is not in run {run.path}'s prompts; label columns: {shown}")
     if not spec.uses_labels:
         notes.append(f"analysis {spec.name} does not use labels; --labels {labels} is ignored")

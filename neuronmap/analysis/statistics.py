@@ -31,7 +31,7 @@ import numpy as np
 from scipy import special
 
 from ..errors import ConfigError
-from ._stats_kernel import batch_sums
+from ._stats_kernel import fold_batch
 from .reservoir import Reservoir, _as_2d
 
 __all__ = ["Reservoir", "RunningStats", "neuron_rankings", "neuron_statistics"]
@@ -39,30 +39,10 @@ __all__ = ["Reservoir", "RunningStats", "neuron_rankings", "neuron_statistics"]
 _MOMENTS = ("mean", "m2", "m3", "m4", "minimum", "maximum", "abs_sum", "n_small", "n_zero")
 
 
-# Rows of a batch whose float64 mean is the shift of its power sums (about 1 MiB of float64).
+# Rows of a batch whose float64 mean is the shift of its power sums (about 1 MiB of float64). Near
+# the data's own mean the shifted sums lose no precision to cancellation (the shift is off by about
+# std / sqrt(rows)); the batch is then folded in with the exact pairwise update (`_stats_kernel._fold`).
 _SHIFT_ELEMENTS = 1 << 17
-
-
-def _batch_moments(x: np.ndarray, eps: float) -> dict[str, Any]:
-    """`_MOMENTS` of one batch (rows, d), from one compiled pass over it (`_stats_kernel`).
-
-    Power sums of y = x - shift are accumulated, with the shift the float64 mean of the batch's
-    first rows, then turned into central moment sums once for the whole batch. Near the data's own
-    mean the shifted sums lose no precision to cancellation (the shift is off by about
-    std / sqrt(rows)); the batch is then folded in with the exact pairwise update.
-    """
-    n, d = x.shape
-    head = x[: int(min(max(_SHIFT_ELEMENTS // max(d, 1), 8), n))]
-    shift = np.add.reduce(head, axis=0, dtype=np.float64) / len(head)
-    sums, counts, minimum, maximum = batch_sums(x, shift, eps)
-    mu = sums[0] / n
-    mu2 = mu * mu
-    m2 = sums[1] - n * mu2
-    m3 = sums[2] - 3.0 * mu * sums[1] + 2.0 * n * mu2 * mu
-    m4 = sums[3] - 4.0 * mu * sums[2] + 6.0 * mu2 * sums[1] - 3.0 * n * mu2 * mu2
-    return {"count": n, "n_features": d, "mean": shift + mu, "m2": np.maximum(m2, 0.0), "m3": m3,
-            "m4": np.maximum(m4, 0.0), "minimum": minimum, "maximum": maximum,
-            "abs_sum": sums[4], "n_small": counts[0], "n_zero": counts[1]}
 
 
 def _combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -111,16 +91,22 @@ class RunningStats:
     def add(self, batch: Any) -> "RunningStats":
         """Fold in a batch of shape (n_rows, n_features) (or (n_rows, *shape), flattened).
 
-        One compiled pass over the batch (`_batch_moments`, `_stats_kernel`): each value is read
-        once and feeds every sum, where numpy needed about a dozen passes; a float32 batch is not
-        copied. The batch's moments then join the running ones with the pairwise update of `merge`.
+        One compiled call (`_stats_kernel.fold_batch`): a pass in which each value is read once and
+        feeds every sum, where numpy needed about a dozen passes (a float32 batch is not copied),
+        then the batch's central moments join the running ones with the pairwise update of `merge`.
         """
         x = _as_2d(batch)
         if x.shape[0] == 0:
             return self
         if self.n_features is not None and x.shape[1] != self.n_features:
             raise ConfigError(f"cannot add a batch of {x.shape[1]} features to statistics of {self.n_features}")
-        self._merge_arrays(_batch_moments(x, self.eps))
+        if self.count == 0:
+            d = self.n_features = x.shape[1]
+            for name in ("mean", "m2", "m3", "m4", "abs_sum"):
+                setattr(self, name, np.zeros(d))
+            self.minimum, self.maximum = np.full(d, np.inf), np.full(d, -np.inf)
+            self.n_small, self.n_zero = np.zeros(d, dtype=np.int64), np.zeros(d, dtype=np.int64)
+        self.count = fold_batch(x, self.eps, self.count, self, _SHIFT_ELEMENTS)
         return self
 
     def _merge_arrays(self, part: dict[str, Any]) -> None:

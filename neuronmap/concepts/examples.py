@@ -37,7 +37,7 @@ def _layer_input(run: Any, layer: str, labels: str | None):
 
 def label_values(run: Any, labels: str) -> None:
     """ConfigError when `labels` is not a label column of the run's prompts (lists the columns)."""
-    columns = [c for c in run.prompts.columns if c not in ("sample_id", "text")]
+    columns = [c for c in run.prompt_columns if c not in ("sample_id", "text")]
     if labels not in columns:
         raise ConfigError(f"label column {labels!r} is not in run {run.path}'s prompts; label columns: "
                           f"{', '.join(columns) or '(none)'}")

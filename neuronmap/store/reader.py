@@ -83,6 +83,23 @@ class Run:
         except Exception as error:  # pyarrow raises several types for a corrupt file
             raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split())}") from None
 
+    @functools.cached_property
+    def prompt_columns(self) -> list[str]:
+        """Column names of prompts.parquet, read from its schema alone.
+
+        Checking a `--labels` name must not load the whole prompt table: on a run of a million
+        prompts that read costs more than some analyses it guards.
+        """
+        import pyarrow.parquet as pq
+
+        path = self.path / PROMPTS_NAME
+        if not path.is_file():
+            raise RunFormatError(f"run {self.path} has no {PROMPTS_NAME}; the run is incomplete or corrupt")
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as error:  # pyarrow raises several types for a corrupt file
+            raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+
     def array(self, layer: str, rows: tuple[int, int] | slice | None = None) -> np.ndarray:
         """Activations of `layer` as one ndarray of shape (n_rows, *shape), stitched in row order."""
         start, end = self._rows(layer, rows)

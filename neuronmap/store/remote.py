@@ -430,6 +430,11 @@ class RemoteRun(Run):
         self._fetch(PROMPTS_NAME, None)
         return Run.prompts.func(self)
 
+    @functools.cached_property
+    def prompt_columns(self) -> list[str]:  # noqa: D102 - same as Run.prompt_columns
+        self._fetch(PROMPTS_NAME, None)
+        return Run.prompt_columns.func(self)
+
     def _iter_field(self, layer: str, field: str, start: int, end: int, max_rows: int):
         for shard in self.manifest.shards_of(layer):
             if shard.rows[1] > start and shard.rows[0] < end:

@@ -1,5 +1,6 @@
 """The local engine's threaded `imap` (per-shard partials on several threads) and per-thread warnings."""
 
+import os
 import threading
 import time
 import warnings
@@ -9,6 +10,7 @@ import pytest
 
 from analysistest_util import write_synthetic_run
 from neuronmap.analysis import analyze
+from neuronmap.analysis._local_engine import MAX_DEFAULT_WORKERS
 from neuronmap.analysis.runner import LocalEngine, Task, get_engine, run_task
 from neuronmap.errors import ConfigError
 
@@ -56,13 +58,21 @@ def test_a_failing_task_raises_in_the_caller():
 
 def test_single_worker_stays_lazy_and_bad_workers_are_refused():
     calls = []
-    results = LocalEngine().imap(calls.append, [1, 2, 3])
+    results = LocalEngine(workers=1).imap(calls.append, [1, 2, 3])
     assert calls == []
     next(results)
     assert calls == [1]
-    assert get_engine("local").workers == 1  # one at a time unless asked (see _local_engine's docstring)
     with pytest.raises(ConfigError, match="workers=0"):
         LocalEngine(workers=0)
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert get_engine("local").workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert LocalEngine().workers == MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert LocalEngine().workers == 1
 
 
 def _warn_n_times(item):

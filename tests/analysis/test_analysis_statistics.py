@@ -9,6 +9,7 @@ from scipy import stats as scipy_stats
 
 from analysistest_util import write_synthetic_run
 from neuronmap.analysis import analyze
+from neuronmap.analysis.reservoir import merged_bound
 from neuronmap.analysis.statistics import Reservoir, RunningStats, neuron_rankings, neuron_statistics
 from neuronmap.errors import ConfigError
 
@@ -200,6 +201,41 @@ def test_reservoir_expect_keeps_the_same_sample_and_generator_state(start):
     # the sample is the rows of the 256 smallest keys among all 5000 draws of the generator
     keys = np.random.default_rng(3).random(5000)
     np.testing.assert_array_equal(np.sort(planned._keys), np.sort(keys)[:256])
+
+
+@pytest.mark.parametrize("size", [1, 300, 5000])
+def test_partials_cut_at_the_merged_bound_merge_into_the_uncut_sample(size):
+    """Shard partials that keep only keys <= merged_bound merge into the very sample uncut partials give."""
+    rng = np.random.default_rng(21)
+    shards = [rng.standard_normal((n, 3)).astype(np.float32) for n in (700, 1, 1200, 333, 0, 900)]
+    parts = [(100 + i, len(x)) for i, x in enumerate(shards)]
+    bound = merged_bound(parts, size, chunk=256)  # chunks: the key stream continues across draws
+    all_keys = np.concatenate([np.random.default_rng(seed).random(n) for seed, n in parts])
+    assert bound == (np.inf if len(all_keys) <= size else np.sort(all_keys)[size - 1])
+    cut, uncut = Reservoir(size), Reservoir(size)
+    held = 0
+    for (seed, n), x in zip(parts, shards):
+        partial = Reservoir(size, seed=seed).expect(n, bound=bound)
+        for piece in random_split(x, rng, 3):
+            partial.add(piece)
+        held += 0 if partial.rows is None else len(partial.rows)
+        assert partial.count == n and partial.largest_key <= bound
+        cut.merge(partial)
+        uncut.merge(Reservoir(size, seed=seed).expect(n).add(x))
+    assert held == min(size, len(all_keys))  # together the partials hold exactly the merged sample
+    assert cut.count == uncut.count == len(all_keys)
+    np.testing.assert_array_equal(np.sort(cut._keys), np.sort(uncut._keys))
+    np.testing.assert_array_equal(cut.percentiles([1, 50, 99]), uncut.percentiles([1, 50, 99]))
+
+
+def test_stats_refuses_partials_cut_for_other_shards(tmp_path, monkeypatch):
+    from neuronmap.analysis.builtin import statistics as builtin_statistics
+
+    x = np.random.default_rng(22).standard_normal((2000, 3)).astype(np.float32)
+    run = write_synthetic_run(tmp_path / "run", {"blocks.0": x}, samples_per_shard=400)
+    monkeypatch.setattr(builtin_statistics, "_merged_bound", lambda parts, size: 0.01)  # far too low
+    with pytest.raises(RuntimeError, match="not the sample of its rows"):
+        analyze(run, "stats", params={"reservoir_size": 500})
 
 
 def test_reservoir_expect_refuses_a_sample_read_before_the_announced_rows_came():

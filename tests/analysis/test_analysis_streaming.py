@@ -9,6 +9,7 @@ import pytest
 
 from analysistest_util import write_synthetic_run
 from neuronmap.analysis import analyze
+from neuronmap.analysis.builtin import statistics as builtin_statistics
 from neuronmap.analysis.builtin.similarity import cka_layer_moments, cka_pair_moments
 from neuronmap.analysis.runner import LocalEngine
 
@@ -44,23 +45,29 @@ def traced_peak(fn) -> tuple[object, int]:
         tracemalloc.stop()
 
 
-def test_stats_memory_does_not_grow_with_the_number_of_shards(tmp_path):
+def test_stats_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((24_000, 64)).astype(np.float32)
     few = write_synthetic_run(tmp_path / "few", {"blocks.0": x}, samples_per_shard=8_000)   # 3 shards
     many = write_synthetic_run(tmp_path / "many", {"blocks.0": x}, samples_per_shard=800)   # 30 shards
-    params = {"reservoir_size": 800}  # each shard's partial holds 800 x 64 float32 = 200 KiB of sample
+    params = {"reservoir_size": 800}  # a whole sample: 800 x 64 float32 = 200 KiB
     partial = 800 * 64 * 4
 
     def run(path, engine):
         return lambda: analyze(path, "stats", params=params, engine=engine, force=True)
 
-    run(few, "local")()  # warm-up: lazy imports and caches are not what is measured
-    few_artifact, few_peak = traced_peak(run(few, "local"))
-    many_artifact, many_peak = traced_peak(run(many, "local"))
+    run(few, LocalEngine(workers=1))()  # warm-up: lazy imports and caches are not what is measured
+    few_artifact, few_peak = traced_peak(run(few, LocalEngine(workers=1)))
+    many_artifact, many_peak = traced_peak(run(many, LocalEngine(workers=1)))
     held_artifact, held_peak = traced_peak(run(many, MapOnly()))
-    # folded as they arrive: 30 shards cost about what 3 do; all held at once: ~30 partials more
+    # folded as they arrive: 30 shards cost about what 3 do; and each partial keeps only the rows
+    # that end in the merged sample (~27 of 800 here), so even holding all 30 costs little
     assert many_peak - few_peak < 4 * partial, (few_peak, many_peak)
-    assert held_peak - many_peak > 20 * partial, (many_peak, held_peak)
+    assert held_peak - many_peak < 4 * partial, (many_peak, held_peak)
+    # without the merged bound every partial carries a whole sample: all held at once, ~30 more
+    monkeypatch.setattr(builtin_statistics, "_merged_bound", lambda parts, size: np.inf)
+    uncut_artifact, uncut_peak = traced_peak(run(many, MapOnly()))
+    assert uncut_peak - many_peak > 20 * partial, (many_peak, uncut_peak)
+    np.testing.assert_array_equal(uncut_artifact.array("percentiles"), many_artifact.array("percentiles"))
     for key in ("mean", "std", "kurtosis", "percentiles"):
         np.testing.assert_array_equal(many_artifact.array(key), held_artifact.array(key), err_msg=key)
     np.testing.assert_allclose(many_artifact.array("mean"), few_artifact.array("mean"), rtol=1e-9, atol=1e-12)

@@ -142,7 +142,7 @@ def test_counting_engine_imap_counts_results_as_they_arrive():
         return x * x
 
     job = Job(id="0" * 32, run="demo", analysis="stats")
-    results = CountingEngine(job).imap(square, [1, 2, 3])
+    results = CountingEngine(job, inner=LocalEngine(workers=1)).imap(square, [1, 2, 3])
     assert job.tasks_total == 3 and job.tasks_done == 0 and calls == []  # nothing computed before it is asked for
     assert next(results) == 1 and job.tasks_done == 1 and calls == [1]
     assert list(results) == [4, 9] and job.tasks_done == 3

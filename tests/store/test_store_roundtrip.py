@@ -153,3 +153,14 @@ def test_partial_run_reads_committed_rows_and_names_the_gap(tmp_path):
         run.array("blocks.0")
     with pytest.raises(RunFormatError, match="running"):
         open_run(tmp_path / "run", require_complete=True)
+
+
+def test_prompt_columns_come_from_the_schema_alone(tmp_path, monkeypatch):
+    written = write_run(tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: pytest.fail("prompt_columns read the whole table"))
+    assert run.prompt_columns == list(written.prompts.columns)
+    (tmp_path / "run" / "prompts.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RunFormatError, match="cannot read") as info:
+        open_run(tmp_path / "run").prompt_columns
+    assert "\n" not in str(info.value)

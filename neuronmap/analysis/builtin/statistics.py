@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import numpy as np
@@ -10,6 +11,7 @@ from pydantic import Field, field_validator
 
 from ..inputs import LayerInput
 from ..registry import AnalysisResult, Params, register
+from ..reservoir import merged_bound
 from ..statistics import Reservoir, RunningStats, neuron_rankings
 
 PER_NEURON = ("mean", "std", "min", "max", "skewness", "kurtosis", "mean_abs", "sparsity", "zero_fraction",
@@ -42,16 +44,34 @@ def stats_shard(data: LayerInput, params: StatsParams) -> dict[str, Any]:
 
     The shard's row count is known, so the reservoir draws every row's key up front (`expect`) and
     copies only the rows that end in the sample, each once: the same keys, hence the same sample, as
-    drawing them batch by batch.
+    drawing them batch by batch. The other shards' keys are known too (each shard's reservoir is
+    seeded by its first row), so the merged sample's largest key is known before any data is read
+    (`merged_bound`) and the partial keeps only the rows that end in the merged sample: ~200 rows per
+    shard of an 8 GB run instead of 8,192 (25 MB of fresh memory per shard, which cost more than a
+    third of the whole pass).
     """
     stats = RunningStats(params.eps)
-    reservoir = Reservoir(params.reservoir_size, seed=params.seed + data.ranges[0][0])
+    reservoir = Reservoir(params.reservoir_size, seed=_reservoir_seed(params, data.ranges[0][0]))
+    bound = np.inf
     if data.n_rows <= _EXPECT_MAX_ROWS:
-        reservoir.expect(data.n_rows)
+        if data.partition is not None:
+            bound = _merged_bound(tuple((_reservoir_seed(params, first), rows) for first, rows in data.partition),
+                                  params.reservoir_size)
+        reservoir.expect(data.n_rows, bound=bound)
     for batch in _read_only_batches(data):
         stats.add(batch)
         reservoir.add(batch)
-    return {"stats": stats.state_dict(), "reservoir": reservoir.state_dict()}
+    return {"stats": stats.state_dict(), "reservoir": reservoir.state_dict(), "bound": bound}
+
+
+def _reservoir_seed(params: StatsParams, first_row: int) -> int:
+    return params.seed + int(first_row)
+
+
+@functools.lru_cache(maxsize=32)
+def _merged_bound(parts: tuple[tuple[int, int], ...], size: int) -> float:
+    """`merged_bound`, once per layer and process (every shard task of the layer asks for it)."""
+    return merged_bound(parts, size)
 
 
 def _read_only_batches(data: LayerInput):
@@ -75,10 +95,16 @@ def stats_reduce(data: LayerInput, states: Iterable[dict[str, Any]], params: Sta
     """
     stats = RunningStats(params.eps)
     reservoir = Reservoir(params.reservoir_size, seed=params.seed)
+    bound = np.inf
     for state in states:
         stats.merge(RunningStats(params.eps).load_state_dict(state["stats"]))
         reservoir.merge(Reservoir(params.reservoir_size).load_state_dict(state["reservoir"]))
+        bound = min(bound, state.get("bound", np.inf))
         del state  # drop this partial before the next one is computed or fetched
+    held, wanted = (0 if reservoir.rows is None else len(reservoir.rows)), min(reservoir.count, reservoir.size)
+    if held < wanted or reservoir.largest_key > bound:  # partials cut by a bound computed for other shards
+        raise RuntimeError(f"the merged percentile sample of {data.layer} is not the sample of its rows "
+                           f"({held} of {wanted} rows, largest key {reservoir.largest_key} above {bound})")
     summary = stats.summary()
     q = np.asarray(params.percentiles, dtype=np.float64)
     percentiles = reservoir.percentiles(q)
