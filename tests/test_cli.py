@@ -146,3 +146,11 @@ def test_console_script_exit_code_and_help(tmp_path):
     assert done.returncode == 0 and "--pooling" in done.stdout
     done = subprocess.run([str(exe), "runs", "show", str(tmp_path / "nothing")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_the_command_starts_without_torch_or_the_analysis_families():
+    """Registering every subcommand imports neither torch nor scikit-learn: `neuronmap --help` and
+    `runs show` stay quick. The commands import what they use when they run."""
+    code = "import sys, neuronmap.cli; print(sorted(m for m in ('torch', 'sklearn', 'ray') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -6,7 +6,19 @@
 >>> result.tokens, result.scores, result.delta                              # doctest: +SKIP
 """
 
-from .methods import METHODS, AttributionResult, TokenAttribution, attention_rollout
-from .targets import Target, parse_target
+from __future__ import annotations
 
-__all__ = ["METHODS", "AttributionResult", "TokenAttribution", "Target", "attention_rollout", "parse_target"]
+import importlib
+from typing import Any
+
+# imported on first use, so that registering the `attribute` command does not import torch
+_EXPORTS = {"METHODS": "methods", "AttributionResult": "methods", "TokenAttribution": "methods",
+            "attention_rollout": "methods", "Target": "targets", "parse_target": "targets"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,20 +14,31 @@ has ``generate`` instead):
 
 Components (components.py) extend the canonical layer names with heads (``blocks.3.attn.heads.5``) and
 neurons (``blocks.3.mlp[12]``).
+
+Names below are imported lazily: the `neuronmap` command registers these methods' subcommands
+without importing torch, so `neuronmap --help`, `runs show` or `analyze` start ~1 s sooner.
 """
 
-from .ablation import Ablation, AblationResult
-from .circuits import AttributionPatching, CircuitResult
-from .components import Component, resolve_components
-from .counterfactual import Counterfactual, CounterfactualResult
-from .heads import HeadResult, HeadStatistics, repeated_tokens
-from .patching import ActivationPatching, PatchingResult, patch_output
-from .steering import Steering, SteeringResult, contrast_direction, run_direction
-from .tracing import CausalTracing, TracingResult
+from __future__ import annotations
 
-__all__ = [
-    "Ablation", "AblationResult", "ActivationPatching", "AttributionPatching", "CausalTracing", "CircuitResult",
-    "Component", "Counterfactual", "CounterfactualResult", "HeadResult", "HeadStatistics", "PatchingResult",
-    "Steering", "SteeringResult", "TracingResult", "contrast_direction", "patch_output", "repeated_tokens",
-    "resolve_components", "run_direction",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Ablation": "ablation", "AblationResult": "ablation",
+    "AttributionPatching": "circuits", "CircuitResult": "circuits",
+    "Component": "components", "resolve_components": "components",
+    "Counterfactual": "counterfactual", "CounterfactualResult": "counterfactual",
+    "HeadResult": "heads", "HeadStatistics": "heads", "repeated_tokens": "heads",
+    "ActivationPatching": "patching", "PatchingResult": "patching", "patch_output": "patching",
+    "Steering": "steering", "SteeringResult": "steering", "contrast_direction": "steering", "run_direction": "steering",
+    "CausalTracing": "tracing", "TracingResult": "tracing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
