@@ -220,9 +220,22 @@ def list_analyses() -> list[AnalysisSpec]:
 
 
 def get_analysis(name: str) -> AnalysisSpec:
-    """The analysis called `name`; ConfigError listing the valid names (closest first) otherwise."""
-    load_builtin()
-    spec = _REGISTRY.get(name) or _REGISTRY.get(str(name).lower().replace("_", "-"))
+    """The analysis called `name`; ConfigError listing the valid names (closest first) otherwise.
+
+    A built-in analysis imports only its own module (`builtin.MODULES`); anything else loads every
+    module and plugin first.
+    """
+    key = str(name).lower().replace("_", "-")
+    spec = _REGISTRY.get(name) or _REGISTRY.get(key)
+    if spec is None and not _LOADED:
+        from .builtin import MODULES
+
+        if key in MODULES:
+            importlib.import_module(f"{__package__}.builtin.{MODULES[key]}")
+            spec = _REGISTRY.get(key)
+    if spec is None:
+        load_builtin()
+        spec = _REGISTRY.get(name) or _REGISTRY.get(key)
     if spec is None:
         names = sorted(_REGISTRY)
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)

@@ -78,6 +78,24 @@ def test_builtin_registry_lists_the_three_families():
         register("stats", family="x", summary="x", params=Params)(_count)
 
 
+def test_builtin_index_names_the_module_of_every_builtin_analysis():
+    from neuronmap.analysis.builtin import MODULES
+
+    builtin = {spec.name: spec.func.__module__ for spec in list_analyses()
+               if spec.func.__module__.startswith("neuronmap.analysis.builtin.")}
+    assert builtin == {name: f"neuronmap.analysis.builtin.{module}" for name, module in MODULES.items()}
+
+
+def test_getting_one_analysis_imports_only_its_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from neuronmap.analysis import get_analysis; "
+            "print(get_analysis('Stats').name, 'sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["stats", "False"]
+
+
 @pytest.mark.parametrize("params, message", [
     ({"n_components": 0}, "n_components=0 must be >= 1 (analysis pca"),
     ({"n_components": "many"}, "n_components='many' must be an integer"),
