@@ -14,7 +14,9 @@ manifest; re-running the same command skips committed shards (resume).
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,7 +42,7 @@ ENGINE_GROUP = "neuronmap.engines"
 class TokenizedPrompts:
     """Token ids of every prompt, truncated to `max_length`, and how many were truncated."""
 
-    ids: list[list[int]]
+    ids: Sequence[Sequence[int]]  # PackedIds from tokenize_prompts; any sequence of id sequences works
     lengths: np.ndarray  # (n_samples,)
     n_truncated: int
     max_length: int
@@ -108,13 +110,43 @@ class RunPlan:
         return int(self.row_offsets[sample]) if per_token else sample
 
 
+class PackedIds(collections.abc.Sequence):
+    """The token ids of many prompts in one flat int32 array: `ids[i]` is prompt i's ids (a view).
+
+    4 bytes a token, where Python lists of ints take ~36: at 100,000 prompts the ids were most of
+    what a run's memory grew by with its number of prompts.
+    """
+
+    def __init__(self, flat: np.ndarray, lengths: np.ndarray):
+        self.flat = np.ascontiguousarray(flat, dtype=np.int32)
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        if self.offsets[-1] != len(self.flat):
+            raise ValueError(f"{len(self.flat)} ids for lengths summing to {self.offsets[-1]}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt {index} out of range for {len(self)} prompts")
+        return self.flat[self.offsets[index] : self.offsets[index + 1]]
+
+
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedPrompts:
     """Tokenise once, without padding; count the prompts that `max_length` cut short.
 
     Only prompts that reach `max_length` are re-tokenised without truncation to tell whether they
-    were really cut, so the common case costs one pass.
+    were really cut, so the common case costs one pass. The ids are packed a chunk at a time
+    (`PackedIds`), so the tokenizer's Python lists never exist for more than 1,024 prompts at once.
     """
-    ids: list[list[int]] = []
+    flat: list[np.ndarray] = []
+    lengths_parts: list[np.ndarray] = []
     n_truncated = 0
     step = 1024
     for start in range(0, len(texts), step):
@@ -124,11 +156,14 @@ def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> T
         if at_limit:
             full = tokenizer([chunk[i] for i in at_limit], truncation=False, padding=False)["input_ids"]
             n_truncated += sum(len(seq) > max_length for seq in full)
-        ids.extend(encoded)
-    lengths = np.fromiter((len(seq) for seq in ids), dtype=np.int64, count=len(ids))
+        sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
+        lengths_parts.append(sizes)
+        flat.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum())))
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int64)
     if len(lengths) and lengths.min() == 0:
         empty = int(np.argmin(lengths))
         raise ConfigError(f"prompt {empty} tokenises to no tokens; remove it or fix the tokenizer")
+    ids = PackedIds(np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32), lengths)
     return TokenizedPrompts(ids, lengths, n_truncated, max_length)
 
 
@@ -139,8 +174,8 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.n
         yield order[start : start + batch_size]
 
 
-def pad_batch(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of token id lists into (input_ids, attention_mask) on `device`.
+def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id sequences (lists or arrays) into (input_ids, attention_mask) on `device`.
 
     On CUDA the host tensors are pinned and copied without blocking, so building the next batch
     never waits for the GPU to finish the current one.
