@@ -135,6 +135,21 @@ def test_truncation_is_counted(loaded, tmp_path):
     assert run.manifest.n_tokens == sum(min(n, 5) for n in lengths)
 
 
+def test_token_ids_are_packed_and_equal_the_tokenizers(loaded, monkeypatch):
+    from neuronmap import extraction
+
+    lm = loaded("gpt2")
+    texts = PROMPTS * 300  # 2,100 prompts: three packing chunks of 1,024
+    tokens = extraction.tokenize_prompts(lm.tokenizer, texts, max_length=8)
+    reference = [lm.tokenizer(t, truncation=True, max_length=8)["input_ids"] for t in texts]
+    assert isinstance(tokens.ids, extraction.PackedIds) and tokens.ids.flat.dtype == np.int32
+    assert len(tokens.ids) == len(texts) and tokens.lengths.tolist() == [len(r) for r in reference]
+    assert [seq.tolist() for seq in tokens.ids] == reference
+    assert tokens.ids[-1].tolist() == reference[-1] and [s.tolist() for s in tokens.ids[3:6]] == reference[3:6]
+    with pytest.raises(IndexError):
+        tokens.ids[len(texts)]
+
+
 def test_interrupted_run_resumes_to_the_same_arrays(loaded, tmp_path, monkeypatch):
     from neuronmap.store import RunWriter
 
