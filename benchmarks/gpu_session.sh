@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #2 and #3 in one device call, results under $OUT.
+#
+# On a lent machine (the `device` tool), from the repo root, with the pydantic wheels the image lacks
+# in .whl/ (ignored by git; fetch them once here, see benchmarks/BENCHMARKS.md, "On a GPU"):
+#
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#
+# Order: what #2 still needs first, so a call cut short keeps it.
+#   1. store_write.py: the store alone against a raw write + fsync of the same bytes, on that disk
+#      (12 layers x 100,000 rows x 768 float32 in 4 shards, the per-token GPU run's layout).
+#   2. gpu_extraction.py per-token: GPT-2-small shape, blocks.*, pooling none, extract MB/s against
+#      a raw write (#2's >= 0.8 target on a GPU).
+#   3. gpu_extraction.py llama: a Llama-shaped ~1B model, mean-pooled blocks.*, tokens/s against a
+#      bare forward (#3's prepared GPU check).
+# Each step writes its own JSON, so a step that fails or runs out of time loses only itself.
+# GPU_SESSION_QUICK=1 runs the same steps small on the CPU (a smoke run of this script).
+set -uo pipefail
+
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "${GPU_SESSION_QUICK:-0}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then  # the wheels are for the GPU image
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+else
+    export PYTHONPATH="$PWD"
+fi
+PY=${PYTHON:-python3}
+LOG="$OUT/log.txt"
+
+if [ "${GPU_SESSION_QUICK:-0}" = 1 ]; then
+    store_args=(--layers 2 --rows 2000 --shards 2 --repeats 3)
+    gpu_args=(--device cpu --quick)
+else
+    store_args=(--layers 12 --rows 100000 --shards 4)
+    gpu_args=()
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
+fi
+
+step() {  # step NAME COMMAND...: run it, keep going on failure, say how it ended
+    local name=$1
+    shift
+    echo "== $name: $*" | tee -a "$LOG"
+    "$@" 2>&1 | tee -a "$LOG"
+    echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+mkdir -p /tmp/gpu-session-store /tmp/gpu-session-extract
+step store_write "$PY" benchmarks/store_write.py "${store_args[@]}" --workdir /tmp/gpu-session-store \
+    --out "$OUT/store_write.json"
+step per_token "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip llama agreement \
+    --workdir /tmp/gpu-session-extract --out "$OUT/per_token.json"
+step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token agreement \
+    --workdir /tmp/gpu-session-extract --out "$OUT/llama.json"
+rm -rf /tmp/gpu-session-store /tmp/gpu-session-extract
