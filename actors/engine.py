@@ -107,7 +107,7 @@ def run_ray_extraction(
                           "--gpus-per-worker")
     from neuronmap.extraction import default_out, new_manifest, progress_bar
     from neuronmap.models import LoadedModel
-    from neuronmap.prompts import load_prompts
+    from neuronmap.prompts import load_prompts, prompt_source_hash
     from neuronmap.store import RunWriter, open_run
 
     cpus = 1.0 if cpus_per_worker is None else float(cpus_per_worker)
@@ -128,7 +128,7 @@ def run_ray_extraction(
         plan = _plan(model, device, model_dtype, frame["text"].tolist(), layers, pooling, dtype, max_length,
                      samples_per_shard, cpus, gpus)
         out = Path(out) if out is not None else default_out(plan.model)
-        manifest = new_manifest(plan, prompts, frame, pooling, dtype, format, compression, batch_size)
+        manifest = new_manifest(plan, prompts, prompt_source_hash(frame), pooling, dtype, format, compression, batch_size)
         writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
         writer.write_prompts(frame)
         try:

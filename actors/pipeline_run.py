@@ -76,7 +76,7 @@ def run_pipeline_run(
     import torch
 
     from neuronmap.extraction import RunPlan, default_out, new_manifest, tokenize_prompts
-    from neuronmap.prompts import load_prompts
+    from neuronmap.prompts import load_prompts, prompt_source_hash
 
     from .pipeline import PipelineExtractor, PipelineOptions
     from .stage_loading import model_dtype as stage_model_dtype
@@ -111,7 +111,8 @@ def run_pipeline_run(
                                kinds=plan.kinds, samples_per_shard=plan.samples_per_shard, max_length=max_length,
                                lengths=tokens.lengths, n_truncated=tokens.n_truncated)
             out = Path(out) if out is not None else default_out(name)
-            manifest = new_manifest(run_plan, prompts, frame, pooling, dtype, format, compression, batch_size)
+            manifest = new_manifest(run_plan, prompts, prompt_source_hash(frame), pooling, dtype, format, compression,
+                                    batch_size)
             _write(extractor, run_plan, tokens, frame, manifest, out, format, compression, overwrite, batch_size,
                    pooling == "none", progress, f"extract {name} on ray ({extractor.n_started} stages)", on_shard)
             if on_stages is not None:

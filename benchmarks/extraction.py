@@ -105,11 +105,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: CPU count)")
     parser.add_argument("--rss-sizes", type=int, nargs=2, default=(2000, 20000), metavar=("SMALL", "LARGE"))
     parser.add_argument("--rss-repeats", type=int, default=None, help="subprocesses per size (default 2; 1 with --quick)")
+    parser.add_argument("--rss-source", choices=("file", "frame"), default="file",
+                        help="peak RSS: prompts from a JSONL file written beforehand (default, what a large "
+                             "corpus is), or a DataFrame built inside the child (the caller's memory counts)")
+    parser.add_argument("--rss-only", action="store_true", help="measure peak RSS only, then stop")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--markdown-from", type=Path, default=None, metavar="JSON",
                         help="print the Markdown tables of a results JSON (for BENCHMARKS.md) and exit")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-path", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-file", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--make-tiny", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stride is None:
@@ -595,14 +600,29 @@ def per_token_bench(args: argparse.Namespace, big: Path, tiny: Path, frame: Any,
 # ---------------------------------------------------------------------------------------------
 # peak RSS
 
-def rss_child(n: int, tiny: Path, threads: int, batch_size: int, max_length: int) -> None:
+def write_prompt_file(n: int, path: Path) -> Path:
+    """The shipped prompts cycled to `n`, as JSONL with their labels, written a line at a time (this
+    process stays small: see rss_bench)."""
+    import csv
+
+    from neuronmap.prompts import DEFAULT_PROMPTS
+
+    with open(DEFAULT_PROMPTS, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(n):
+            out.write(json.dumps(rows[i % len(rows)]) + "\n")
+    return path
+
+
+def rss_child(n: int, tiny: Path, threads: int, batch_size: int, max_length: int, prompt_file: Path | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     quiet_libraries()
     import neuronmap
 
-    prompts = cycled_prompts(n)
+    prompts = prompt_file if prompt_file is not None else cycled_prompts(n)
     loaded = neuronmap.load_model(tiny, device="cpu")
     with tempfile.TemporaryDirectory(prefix="nm-rss-") as tmp:
         start = time.perf_counter()
@@ -623,14 +643,18 @@ def _vm_hwm_mib() -> float | None:
     return None
 
 
-def rss_bench(args: argparse.Namespace, tiny: Path, log: Callable[[str], None]) -> dict:
+def rss_bench(args: argparse.Namespace, tiny: Path, scratch: Path, log: Callable[[str], None]) -> dict:
     """Each size in fresh subprocesses, alternating sizes; the ratio uses the median peak of each size."""
     out: dict[str, dict] = {}
+    files = {n: write_prompt_file(n, scratch / f"prompts-{n}.jsonl") for n in args.rss_sizes} \
+        if args.rss_source == "file" else {}
     for repeat in range(args.rss_repeats):
         for n in args.rss_sizes:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(n), "--tiny-path", str(tiny),
                    "--threads", str(args.threads), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length)]
+            if n in files:
+                cmd += ["--prompt-file", str(files[n])]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"--rss-child {n} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -648,7 +672,7 @@ def rss_bench(args: argparse.Namespace, tiny: Path, log: Callable[[str], None]) 
         entry["seconds"] = statistics.median(entry["seconds_runs"])
     small, large = (out[str(n)]["peak_rss_mib"] for n in args.rss_sizes)
     return dict(model="tiny-gpt2 (make_tiny, 3 blocks, d=64)", layers="blocks.*", pooling="mean", format="hdf5",
-                runs=out, ratio=large / small, parent_rss_mib_at_spawn=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                prompts="JSONL file" if files else "DataFrame built in the child", runs=out, ratio=large / small, parent_rss_mib_at_spawn=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(args.markdown_from.read_text())))
         return 0
     if args.rss_child is not None:
-        rss_child(args.rss_child, args.tiny_path, args.threads, args.batch_size, args.max_length)
+        rss_child(args.rss_child, args.tiny_path, args.threads, args.batch_size, args.max_length, args.prompt_file)
         return 0
     if args.make_tiny is not None:
         quiet_libraries()
@@ -840,7 +864,10 @@ def main(argv: list[str] | None = None) -> int:
         tiny = scratch / "models" / "tiny-gpt2"
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-tiny", str(tiny)], check=True)
         log(f"[bold]peak RSS (subprocesses, parent RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB) ...")
-        rss = rss_bench(args, tiny, log)
+        rss = rss_bench(args, tiny, scratch, log)
+        if args.rss_only:
+            log(f"peak RSS ratio {rss['ratio']:.3f}: " + json.dumps(rss["runs"]))
+            return 0
 
         import torch
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -137,32 +137,89 @@ class PackedIds(collections.abc.Sequence):
             raise IndexError(f"prompt {index} out of range for {len(self)} prompts")
         return self.flat[self.offsets[index] : self.offsets[index + 1]]
 
+    def slice(self, start: int, stop: int) -> PackedIds:
+        """Prompts `start..stop-1` as their own PackedIds (views, no copy)."""
+        lengths = np.diff(self.offsets[start : stop + 1])
+        return PackedIds(self.flat[self.offsets[start] : self.offsets[stop]], lengths)
+
+
+class SpilledIds(PackedIds):
+    """Token ids kept in a file (flat int32, prompt after prompt) instead of memory.
+
+    `slice(start, stop)` reads just those prompts' ids, so an extraction holds one shard's ids at a
+    time whatever the number of prompts; the file is written once by `tokenize_batches`.
+    """
+
+    def __init__(self, path: Path, lengths: np.ndarray):
+        self.path = Path(path)
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        size = self.path.stat().st_size
+        if size != 4 * self.offsets[-1]:
+            raise ValueError(f"{self.path} holds {size // 4} ids for lengths summing to {self.offsets[-1]}")
+
+    def _read(self, first: int, count: int) -> np.ndarray:
+        return np.fromfile(self.path, dtype=np.int32, count=count, offset=4 * first)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index) + (len(self) if int(index) < 0 else 0)
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt {index} out of range for {len(self)} prompts")
+        return self._read(int(self.offsets[index]), int(self.offsets[index + 1] - self.offsets[index]))
+
+    def slice(self, start: int, stop: int) -> PackedIds:
+        first, last = int(self.offsets[start]), int(self.offsets[stop])
+        return PackedIds(self._read(first, last - first), np.diff(self.offsets[start : stop + 1]))
+
+
+def shard_ids(ids: Sequence[Sequence[int]], start: int, stop: int) -> Sequence[Sequence[int]]:
+    """The ids of prompts `start..stop-1`, indexed from 0: read from disk for SpilledIds."""
+    return ids.slice(start, stop) if isinstance(ids, PackedIds) else ids[start:stop]
+
 
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedPrompts:
+    """Tokenise `texts` in memory (`PackedIds`); see `tokenize_batches`."""
+    step = 1024
+    return tokenize_batches(tokenizer, (list(texts[start : start + step]) for start in range(0, len(texts), step)),
+                            max_length)
+
+
+def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_length: int,
+                     spill: Path | None = None) -> TokenizedPrompts:
     """Tokenise once, without padding; count the prompts that `max_length` cut short.
 
     Only prompts that reach `max_length` are re-tokenised without truncation to tell whether they
-    were really cut, so the common case costs one pass. The ids are packed a chunk at a time
-    (`PackedIds`), so the tokenizer's Python lists never exist for more than 1,024 prompts at once.
+    were really cut, so the common case costs one pass. The ids are packed a batch of texts at a
+    time, so the tokenizer's Python lists never exist for more than one batch. With `spill`, the
+    packed ids go to that file (`SpilledIds`) and memory holds only the lengths.
     """
     flat: list[np.ndarray] = []
     lengths_parts: list[np.ndarray] = []
     n_truncated = 0
-    step = 1024
-    for start in range(0, len(texts), step):
-        chunk = list(texts[start : start + step])
-        encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
-        at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
-        if at_limit:
-            full = tokenizer([chunk[i] for i in at_limit], truncation=False, padding=False)["input_ids"]
-            n_truncated += sum(len(seq) > max_length for seq in full)
-        sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
-        lengths_parts.append(sizes)
-        flat.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum())))
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(spill, "wb")) if spill is not None else None
+        for chunk in batches:
+            chunk = list(chunk)
+            encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+            at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
+            if at_limit:
+                full = tokenizer([chunk[i] for i in at_limit], truncation=False, padding=False)["input_ids"]
+                n_truncated += sum(len(seq) > max_length for seq in full)
+            sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
+            lengths_parts.append(sizes)
+            packed = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum()))
+            if sink is not None:
+                packed.tofile(sink)
+            else:
+                flat.append(packed)
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int64)
     if len(lengths) and lengths.min() == 0:
         empty = int(np.argmin(lengths))
         raise ConfigError(f"prompt {empty} tokenises to no tokens; remove it or fix the tokenizer")
+    if spill is not None:
+        return TokenizedPrompts(SpilledIds(spill, lengths), lengths, n_truncated, max_length)
     ids = PackedIds(np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32), lengths)
     return TokenizedPrompts(ids, lengths, n_truncated, max_length)
 
@@ -297,11 +354,12 @@ def extract_shard(
     out = {name: torch.empty((n_rows, *shape), dtype=pooler.storage_dtype, device=device)
            for name, shape in plan.shapes.items()}
     lengths = tokens.lengths[first:last]
+    ids = shard_ids(tokens.ids, first, last)
     with torch.inference_mode(), adapter.attention_patterns(plan.refs), Capture(plan.refs, pooler, stop_early=True) as cap:
         for local in length_sorted_batches(lengths, batch_size):
             index = local + first
             batch_lengths = tokens.lengths[index]
-            input_ids, mask = pad_batch([tokens.ids[i] for i in index], loaded.tokenizer.pad_token_id, device)
+            input_ids, mask = pad_batch([ids[i] for i in local], loaded.tokenizer.pad_token_id, device)
             pooler.mask = mask
             if per_token:
                 pooler.token_rows = to_device(real_token_index(batch_lengths, input_ids.shape[1]), device)
@@ -341,14 +399,22 @@ def commit_shard(writer: Any, index: int, samples: range, row_start: int, arrays
 
 
 def plan_run(
-    loaded: Any, texts: Sequence[str], layers: str | Sequence[str], pooling: str, dtype: str, max_length: int,
+    loaded: Any, texts: Any, layers: str | Sequence[str], pooling: str, dtype: str, max_length: int,
     samples_per_shard: int | None,
 ) -> tuple[RunPlan, TokenizedPrompts, ExtractionPlan]:
-    """Tokenise every prompt and plan the run (layers, shapes, shard size) where the model is loaded."""
+    """Tokenise every prompt and plan the run (layers, shapes, shard size) where the model is loaded.
+
+    `texts` is a sequence of strings, or a `StagedPrompts` table: then the texts are read from it a
+    batch at a time and the token ids spill to a file beside it, so memory holds only the lengths.
+    """
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
     if limit and max_length > limit:
         max_length = int(limit)
-    tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
+    if hasattr(texts, "text_batches"):
+        tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length,
+                                  spill=texts.path.parent / "token-ids.int32")
+    else:
+        tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
     plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)
     run_plan = RunPlan(
         model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,
@@ -358,10 +424,12 @@ def plan_run(
     return run_plan, tokens, plan
 
 
-def new_manifest(plan: RunPlan, prompts: Any, frame: Any, pooling: str, dtype: str, format: str,
+def new_manifest(plan: RunPlan, prompts: Any, source_hash: str, pooling: str, dtype: str, format: str,
                  compression: str | None, batch_size: int) -> Any:
-    """The manifest of a run planned by `plan` (the same for every engine)."""
-    from .prompts import prompt_source_hash
+    """The manifest of a run planned by `plan` (the same for every engine).
+
+    source_hash : the prompt table's `prompt_source_hash` (`StagedPrompts.source_hash`)
+    """
     from .store import Manifest
 
     return Manifest.new(
@@ -370,7 +438,7 @@ def new_manifest(plan: RunPlan, prompts: Any, frame: Any, pooling: str, dtype: s
                 for name, shape in plan.shapes.items()},
         pooling=pooling, dtype=dtype, format=format, compression=compression,
         prompt_source=str(prompts) if isinstance(prompts, (str, Path)) else "<memory>",
-        prompt_source_hash=prompt_source_hash(frame), n_samples=len(frame),
+        prompt_source_hash=source_hash, n_samples=plan.n_samples,
         n_tokens=int(plan.lengths.sum()), n_truncated=plan.n_truncated, max_length=plan.max_length,
         extra={"samples_per_shard": plan.samples_per_shard, "batch_size": batch_size, "source": plan.source,
                "model_dtype": plan.model_dtype},
@@ -496,9 +564,8 @@ def extract(
         The completed run, opened (`run.array(layer)`, `run.prompts`, ...).
     """
     from .models import LoadedModel, load_model
-    from .prompts import load_prompts  # here, not at import: pandas stays out of stage actors (~90 MB each)
+    from .prompt_table import stage_prompts, staging_folder  # here, not at import: pandas stays out of stage actors
     from .store import RunWriter, open_run
-    from .store.background import BackgroundCommits
 
     check_pooling(pooling)
     if format not in FORMATS:
@@ -534,16 +601,25 @@ def extract(
         return run_engine(out=out, **options, **given)  # only the cluster options given: engines may lack some
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=model_dtype)
-    frame = load_prompts(prompts, text_column=text_column)
-    run_plan, tokens, plan = plan_run(loaded, frame["text"].tolist(), layers, pooling, dtype, max_length,
-                                      samples_per_shard)
-    per_token = pooling == "none"
     out = Path(out) if out is not None else default_out(loaded.name)
-    manifest = new_manifest(run_plan, prompts, frame, pooling, dtype, format, compression, batch_size)
-    writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
-    writer.write_prompts(frame)
+    with staging_folder(out) as staging:  # the prompt table and token ids on disk, not in memory
+        staged = stage_prompts(prompts, staging, text_column=text_column)
+        run_plan, tokens, plan = plan_run(loaded, staged, layers, pooling, dtype, max_length, samples_per_shard)
+        manifest = new_manifest(run_plan, prompts, staged.source_hash, pooling, dtype, format, compression,
+                                batch_size)
+        writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
+        writer.adopt_prompts(staged.path)
+        _extract_shards(loaded, writer, run_plan, plan, tokens, pooling, dtype, batch_size, progress)
+    return open_run(out)
+
+
+def _extract_shards(loaded: Any, writer: Any, run_plan: RunPlan, plan: ExtractionPlan, tokens: TokenizedPrompts,
+                    pooling: str, dtype: str, batch_size: int, progress: bool) -> None:
+    """Compute and commit every shard the run at `writer` lacks, then mark it complete (local engine)."""
+    from .store.background import BackgroundCommits
+
+    per_token = pooling == "none"
     pooler = BatchPooler(pooling, STORAGE_DTYPES[dtype], pattern_width=run_plan.pattern_width)
-    sample_ids = frame["sample_id"].to_numpy()
     try:
         with progress_bar(progress, run_plan.n_samples, f"extract {loaded.name}") as bar, \
                 BackgroundCommits() as commits:  # shard N is stored while shard N+1 is computed
@@ -554,7 +630,7 @@ def extract(
                 arrays = extract_shard(loaded, plan, tokens, samples, pooler, batch_size,
                                        on_batch=lambda n: bar.advance(0, n))
                 commits.submit(commit_shard, writer, index, samples, run_plan.first_row(samples.start, per_token),
-                               arrays, sample_ids[samples.start : samples.stop],
+                               arrays, np.arange(samples.start, samples.stop, dtype=np.int64),
                                tokens.lengths[samples.start : samples.stop], per_token)
         writer.complete()
     except KeyboardInterrupt:
@@ -563,4 +639,3 @@ def extract(
         with contextlib.suppress(Exception):
             writer.fail(f"{type(error).__name__}: {error}")
         raise
-    return open_run(out)

@@ -20,6 +20,10 @@ load_prompts itself returned), which is kept as is.
 Every problem with the source raises `PromptFileError` with a one-line message naming the file and
 the fix. `prompt_source_hash(df)` fingerprints a loaded table for the run manifest.
 
+`iter_prompts(source, chunk_rows=N)` gives the same table in chunks of at most N rows (sample ids
+counting on across chunks), so a prompt file of any size can be staged into a run in bounded memory
+(`neuronmap.prompt_table`); `load_prompts` is that iterator in one chunk.
+
 `DEFAULT_PROMPTS` is the shipped prompt set (``neuronmap/data/questions.csv``): about 430
 hand-written English questions and statements with the label columns ``topic``, ``question_type``,
 ``sentiment``, ``answer_type``, ``length_bucket`` (words: short <= 7, medium 8-15, long >= 16) and
@@ -29,6 +33,7 @@ hand-written English questions and statements with the label columns ``topic``, 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -44,6 +49,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "SUPPORTED_EXTENSIONS",
     "TEXT_COLUMN_CANDIDATES",
+    "iter_prompts",
     "load_prompts",
     "prompt_source_hash",
 ]
@@ -72,18 +78,33 @@ def load_prompts(
     ``limit`` keeps only the first ``limit`` prompts (files are not read past them where the
     format allows). ``text_column`` picks the text column of JSONL/CSV/Parquet/DataFrame sources.
     """
+    return next(iter_prompts(source, text_column=text_column, limit=limit, chunk_rows=None))
+
+
+def iter_prompts(
+    source: PromptSource,
+    text_column: str | None = None,
+    limit: int | None = None,
+    chunk_rows: int | None = 65536,
+) -> Iterator[pd.DataFrame]:
+    """The prompt table of `source` in chunks of at most `chunk_rows` rows (None: one chunk).
+
+    Every chunk has the columns ``[sample_id, text, *others]`` of `load_prompts`, with sample ids
+    counting on from the previous chunk, and every row gets the same checks and error messages.
+    Only one chunk of the file is in memory at a time. A column of a JSONL or CSV source may be
+    inferred as another type in another chunk (ints, then floats); `neuronmap.prompt_table`
+    unifies them when it stores the table.
+    """
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit={limit!r} is invalid: pass a positive integer, or None for all prompts")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ConfigError(f"chunk_rows={chunk_rows!r} is invalid: pass a positive integer, or None for one chunk")
 
     if isinstance(source, pd.DataFrame):
-        df = source.reset_index(drop=True)
-        if limit is not None:
-            df = df.iloc[:limit]
-        return _finish(df.copy(), text_column, where="the DataFrame", row_label=_plain_row)
-
+        return _checked_first(_from_frame(source, text_column, limit, chunk_rows))
     if isinstance(source, (list, tuple)):
-        return _from_list(source, limit)
+        return _checked_first(_from_list(source, limit, chunk_rows))
 
     if not isinstance(source, (str, os.PathLike)):
         raise PromptFileError(
@@ -104,13 +125,17 @@ def load_prompts(
             f"use one of {', '.join(SUPPORTED_EXTENSIONS)} (one prompt per line in .txt, one JSON object per line in .jsonl)"
         )
 
-    if ext == ".txt":
-        return _from_txt(path, limit)
-    if ext == ".jsonl":
-        return _from_jsonl(path, text_column, limit)
-    if ext == ".csv":
-        return _from_csv(path, text_column, limit)
-    return _from_parquet(path, text_column, limit)
+    readers = {".txt": lambda: _from_txt(path, limit, chunk_rows),
+               ".jsonl": lambda: _from_jsonl(path, text_column, limit, chunk_rows),
+               ".csv": lambda: _from_csv(path, text_column, limit, chunk_rows),
+               ".parquet": lambda: _from_parquet(path, text_column, limit, chunk_rows)}
+    return _checked_first(readers[ext]())
+
+
+def _checked_first(chunks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Read the first chunk now, so that an empty or malformed start of the file raises at the call."""
+    first = next(chunks)
+    return itertools.chain([first], chunks)
 
 
 def prompt_source_hash(df: pd.DataFrame) -> str:
@@ -124,16 +149,22 @@ def prompt_source_hash(df: pd.DataFrame) -> str:
     """
     if "text" not in df.columns:
         raise PromptFileError("prompt table has no 'text' column: load it with neuronmap.prompts.load_prompts")
+    others = [str(c) for c in df.columns if c not in ("sample_id", "text")]
+    return hash_prompt_columns(len(df), others, lambda name: [df[_original_name(df, name)].tolist()])
+
+
+def hash_prompt_columns(n_rows: int, others: Sequence[str], values: Any) -> str:
+    """`prompt_source_hash` of a table given column by column: ``values(name)`` yields that column's
+    values in row order, in one or more lists (a stored table is read a row group at a time)."""
     h = hashlib.sha256()
     h.update(b"neuronmap-prompts-v1\n")
-    h.update(f"{len(df)}\n".encode())
-    others = sorted(str(c) for c in df.columns if c not in ("sample_id", "text"))
-    for col in ["text", *others]:
+    h.update(f"{n_rows}\n".encode())
+    for col in ["text", *sorted(others)]:
         h.update(b"\x00col\x00" + json.dumps(col, ensure_ascii=False).encode("utf-8") + b"\n")
-        series = df["text"] if col == "text" else df[_original_name(df, col)]
-        for value in series.tolist():
-            h.update(json.dumps(_canonical(value), ensure_ascii=False).encode("utf-8"))
-            h.update(b"\n")
+        for part in values(col):
+            for value in part:
+                h.update(json.dumps(_canonical(value), ensure_ascii=False).encode("utf-8"))
+                h.update(b"\n")
     return h.hexdigest()
 
 
@@ -141,41 +172,85 @@ def prompt_source_hash(df: pd.DataFrame) -> str:
 # sources
 
 
-def _from_list(items: Sequence[Any], limit: int | None) -> pd.DataFrame:
+def _chunk_bounds(n: int, chunk_rows: int | None) -> Iterator[tuple[int, int]]:
+    step = chunk_rows or max(n, 1)
+    return ((start, min(start + step, n)) for start in range(0, n, step))
+
+
+def _from_frame(source: pd.DataFrame, text_column: str | None, limit: int | None,
+                chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    df = source.reset_index(drop=True)
+    if limit is not None:
+        df = df.iloc[:limit]
+    if len(df) == 0:
+        raise PromptFileError("the DataFrame has no rows: give at least one prompt")
+    col = _pick_text_column(df, text_column, "the DataFrame")
+    for start, stop in _chunk_bounds(len(df), chunk_rows):
+        yield _finish(df.iloc[start:stop].copy(), col, where="the DataFrame", row_label=_plain_row, picked=True,
+                      start=start)
+
+
+def _from_list(items: Sequence[Any], limit: int | None, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     if limit is not None:
         items = items[:limit]
     if len(items) == 0:
         raise PromptFileError("the prompt list is empty: pass at least one non-blank string")
-    texts = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise PromptFileError(
-                f"the prompt list has a value of type {type(item).__name__} at index {i} ({_short(item)}): every prompt must be a string"
-            )
-        text = item.rstrip("\r\n")
-        if not text.strip():
-            raise PromptFileError(f"the prompt list has an empty prompt at index {i}: remove it or give it text")
-        texts.append(text)
-    return _frame({"text": texts})
+    for start, stop in _chunk_bounds(len(items), chunk_rows):
+        texts = []
+        for i in range(start, stop):
+            item = items[i]
+            if not isinstance(item, str):
+                raise PromptFileError(
+                    f"the prompt list has a value of type {type(item).__name__} at index {i} ({_short(item)}): every prompt must be a string"
+                )
+            text = item.rstrip("\r\n")
+            if not text.strip():
+                raise PromptFileError(f"the prompt list has an empty prompt at index {i}: remove it or give it text")
+            texts.append(text)
+        yield _frame({"text": texts}, start)
 
 
-def _from_txt(path: Path, limit: int | None) -> pd.DataFrame:
+def _from_txt(path: Path, limit: int | None, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     texts: list[str] = []
+    n = 0
     for _lineno, line in _iter_utf8_lines(path):
         if not line.strip():
             continue
         texts.append(line)
-        if limit is not None and len(texts) >= limit:
+        if limit is not None and n + len(texts) >= limit:
             break
-    if not texts:
+        if chunk_rows is not None and len(texts) >= chunk_rows:
+            yield _frame({"text": texts}, n)
+            n, texts = n + len(texts), []
+    if n == 0 and not texts:
         raise PromptFileError(f"prompt file {path} is empty (no non-blank lines): write one prompt per line")
-    return _frame({"text": texts})
+    if texts:
+        yield _frame({"text": texts}, n)
 
 
-def _from_jsonl(path: Path, text_column: str | None, limit: int | None) -> pd.DataFrame:
+def _from_jsonl(path: Path, text_column: str | None, limit: int | None,
+                chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    where = f"prompt file {path}"
     # Column-wise accumulation: one list per key, no list of per-row dicts.
     columns: dict[str, list[Any]] = {}
     linenos: list[int] = []
+    start = 0  # sample id of the chunk's first row
+    picked: str | None = None  # the text column, fixed by the first chunk
+
+    def chunk() -> pd.DataFrame:
+        nonlocal picked
+        df = pd.DataFrame(columns, index=pd.RangeIndex(len(linenos)))
+        lines = list(linenos)
+        label = lambda i: f"line {lines[i - start]}"  # noqa: E731 - row labels count from the chunk's start
+        if picked is None:
+            picked = _pick_text_column(df, text_column, where)
+        elif text_column is None and _candidate_text_column(df) not in (None, picked):
+            raise PromptFileError(f"{where} line {lines[0]} onwards has a key {_candidate_text_column(df)!r} that would "
+                                  f"be the text column, but earlier lines used {picked!r}: pass --text-column")
+        if picked not in df.columns:  # no row of this chunk has the key: the first row is the one to fix
+            df[picked] = None
+        return _finish(df, picked, where=where, row_label=label, picked=True, start=start)
+
     n = 0
     for lineno, line in _iter_utf8_lines(path):
         if not line.strip():
@@ -192,29 +267,61 @@ def _from_jsonl(path: Path, text_column: str | None, limit: int | None) -> pd.Da
                 f"prompt file {path} line {lineno} is a JSON {type(obj).__name__}, not an object: "
                 f'write one object per line, e.g. {{"text": "..."}}'
             )
+        rows = len(linenos)
         for key, value in obj.items():
             col = columns.get(key)
             if col is None:
-                col = columns[key] = [None] * n
+                col = columns[key] = [None] * rows
             col.append(value)
-        n += 1
         for col in columns.values():
-            if len(col) < n:
+            if len(col) <= rows:
                 col.append(None)
         linenos.append(lineno)
+        n += 1
         if limit is not None and n >= limit:
             break
+        if chunk_rows is not None and len(linenos) >= chunk_rows:
+            yield chunk()
+            start += len(linenos)
+            columns, linenos = {}, []
     if n == 0:
         raise PromptFileError(f"prompt file {path} is empty (no JSON objects): write one JSON object per line")
-    df = pd.DataFrame(columns, index=pd.RangeIndex(n))
-    return _finish(df, text_column, where=f"prompt file {path}", row_label=lambda i: f"line {linenos[i]}")
+    if linenos:
+        yield chunk()
 
 
-def _from_csv(path: Path, text_column: str | None, limit: int | None) -> pd.DataFrame:
+def _from_csv(path: Path, text_column: str | None, limit: int | None,
+              chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     where = f"prompt file {path}"
-    kwargs: dict[str, Any] = {"encoding": "utf-8", "nrows": limit}
+    common: dict[str, Any] = {"encoding": "utf-8", "nrows": limit}
+    if chunk_rows is not None:
+        common["chunksize"] = chunk_rows
     try:
-        df = pd.read_csv(path, **kwargs)
+        reader = pd.read_csv(path, **common)
+        chunks = iter([reader]) if chunk_rows is None else iter(reader)
+        first = next(chunks, None)
+        if first is None:  # a header and no rows
+            first = pd.read_csv(path, encoding="utf-8", nrows=0)
+        col = _pick_text_column(first, text_column, where)
+        verbatim = None  # a second reader of the text column alone, opened at the first chunk that needs it
+        start = 0
+        for index, df in enumerate(itertools.chain([first], chunks)):
+            if verbatim is not None:
+                raw = next(verbatim)
+            elif not all(isinstance(v, str) for v in df[col].tolist()):
+                # CSV cells are untyped: the NA/number inference that suits labels would turn prompts
+                # such as "NA" into NaN and "42" into an int. Re-read just the text column verbatim.
+                raw_reader = pd.read_csv(path, encoding="utf-8", nrows=limit, usecols=[col], dtype=str,
+                                         keep_default_na=False, **({} if chunk_rows is None else {"chunksize": chunk_rows}))
+                verbatim = iter([raw_reader]) if chunk_rows is None else iter(raw_reader)
+                raw = next(itertools.islice(verbatim, index, None))
+            else:
+                raw = None
+            if raw is not None:
+                df[col] = raw[col].to_numpy(dtype=object)
+            # header is line 1; multi-line quoted fields make this approximate, so say "row" first
+            yield _finish(df, col, where=where, row_label=lambda i: f"row {i} (line {i + 2})", picked=True, start=start)
+            start += len(df)
     except UnicodeDecodeError:
         _raise_not_utf8(path)
     except pd.errors.EmptyDataError:
@@ -222,44 +329,54 @@ def _from_csv(path: Path, text_column: str | None, limit: int | None) -> pd.Data
     except pd.errors.ParserError as e:
         msg = " ".join(str(e).split())
         raise PromptFileError(f"{where} is not valid CSV ({msg}): fix that row, quoting fields that contain commas") from None
-    col = _pick_text_column(df, text_column, where)
-    if not all(isinstance(v, str) for v in df[col].tolist()):
-        # CSV cells are untyped: the NA/number inference that suits labels would turn prompts such
-        # as "NA" into NaN and "42" into an int. Re-read just the text column verbatim.
-        raw = pd.read_csv(path, encoding="utf-8", nrows=limit, usecols=[col], dtype=str,
-                          keep_default_na=False)
-        df[col] = raw[col].to_numpy(dtype=object)
-    # header is line 1; multi-line quoted fields make this approximate, so say "row" first
-    return _finish(df, col, where=where, row_label=lambda i: f"row {i} (line {i + 2})", picked=True)
 
 
-def _from_parquet(path: Path, text_column: str | None, limit: int | None) -> pd.DataFrame:
+def _from_parquet(path: Path, text_column: str | None, limit: int | None,
+                  chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     where = f"prompt file {path}"
+    col = None
+    start = 0
     try:
         pf = pq.ParquetFile(path)
-        if limit is None:
-            table = pf.read()
-        else:
-            batches = []
-            got = 0
-            for batch in pf.iter_batches(batch_size=min(limit, 65536)):
-                batches.append(batch)
-                got += batch.num_rows
-                if got >= limit:
-                    break
-            table = pa.Table.from_batches(batches, schema=pf.schema_arrow).slice(0, limit)
+        if pf.metadata.num_rows == 0:
+            raise PromptFileError(f"{where} is empty (0 rows): write at least one prompt row")
+        for table in _parquet_tables(pf, limit, chunk_rows):
+            df = table.to_pandas()
+            # A named index saved by pandas is data (e.g. an id column): keep it; an unnamed one is not.
+            df = df.reset_index(drop=all(name is None for name in df.index.names))
+            if col is None:
+                col = _pick_text_column(df, text_column, where)
+            yield _finish(df, col, where=where, row_label=_plain_row, picked=True, start=start)
+            start += len(df)
     except (pa.ArrowException, OSError) as e:
         msg = " ".join(str(e).split())
         raise PromptFileError(f"{where} is not a readable Parquet file ({msg}): re-export it, e.g. with pandas.DataFrame.to_parquet") from None
-    if table.num_rows == 0:
-        raise PromptFileError(f"{where} is empty (0 rows): write at least one prompt row")
-    df = table.to_pandas()
-    # A named index saved by pandas is data (e.g. an id column): keep it; an unnamed one is not.
-    df = df.reset_index(drop=all(name is None for name in df.index.names))
-    return _finish(df, text_column, where=where, row_label=_plain_row)
+
+
+def _parquet_tables(pf: Any, limit: int | None, chunk_rows: int | None) -> Iterator[Any]:
+    """Tables of at most `chunk_rows` rows (None: one table), stopping after `limit` rows."""
+    import pyarrow as pa
+
+    if chunk_rows is None and limit is None:
+        yield pf.read()
+        return
+    pending = []
+    got = 0
+    for batch in pf.iter_batches(batch_size=min(chunk_rows or 65536, limit or 65536)):
+        if limit is not None:
+            batch = batch.slice(0, limit - got)
+        got += batch.num_rows
+        if chunk_rows is None:
+            pending.append(batch)
+        else:
+            yield pa.Table.from_batches([batch], schema=pf.schema_arrow)
+        if limit is not None and got >= limit:
+            break
+    if chunk_rows is None:
+        yield pa.Table.from_batches(pending, schema=pf.schema_arrow)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,25 +446,35 @@ def _pick_text_column(df: pd.DataFrame, text_column: str | None, where: str) -> 
         raise PromptFileError(
             f"{where} has no column {text_column!r}{hint}; columns present: {present}: pass one of them with --text-column"
         )
-    for cand in TEXT_COLUMN_CANDIDATES:
-        if cand in df.columns:
-            return cand
-    for cand in TEXT_COLUMN_CANDIDATES:
-        for c in cols:
-            if c.lower() == cand:
-                return c
+    found = _candidate_text_column(df)
+    if found is not None:
+        return found
     raise PromptFileError(
         f"{where} has no text column (looked for {', '.join(TEXT_COLUMN_CANDIDATES)}); "
         f"columns present: {present}: pass the one holding the prompts with --text-column"
     )
 
 
-def _finish(df: pd.DataFrame, text_column: str | None, *, where: str, row_label, picked: bool = False) -> pd.DataFrame:
+def _candidate_text_column(df: pd.DataFrame) -> Any:
+    """The column the text-column rule picks when none is named (exact name first), or None."""
+    for cand in TEXT_COLUMN_CANDIDATES:
+        if cand in df.columns:
+            return cand
+    for cand in TEXT_COLUMN_CANDIDATES:
+        for c in df.columns:
+            if str(c).lower() == cand:
+                return c
+    return None
+
+
+def _finish(df: pd.DataFrame, text_column: str | None, *, where: str, row_label, picked: bool = False,
+            start: int = 0) -> pd.DataFrame:
+    """Check and clean one chunk of a source; `start` is the sample id of its first row."""
     if len(df) == 0:
         raise PromptFileError(f"{where} has no rows: give at least one prompt")
     col = text_column if picked else _pick_text_column(df, text_column, where)
     texts = []
-    for i, value in enumerate(df[col].tolist()):
+    for i, value in enumerate(df[col].tolist(), start=start):
         if not isinstance(value, str):
             if _is_missing(value):
                 raise PromptFileError(f"{where} {row_label(i)} has no text in column {col!r}: fill it in or remove the row")
@@ -361,7 +488,7 @@ def _finish(df: pd.DataFrame, text_column: str | None, *, where: str, row_label,
         texts.append(text)
 
     rename: dict[Any, str] = {}
-    already_loaded = "sample_id" in df.columns and df["sample_id"].tolist() == list(range(len(df)))
+    already_loaded = "sample_id" in df.columns and df["sample_id"].tolist() == list(range(start, start + len(df)))
     if already_loaded:  # a frame from load_prompts itself: its ids are ours, keep them as they are
         df = df.drop(columns=["sample_id"])
     elif "sample_id" in df.columns:
@@ -369,12 +496,12 @@ def _finish(df: pd.DataFrame, text_column: str | None, *, where: str, row_label,
     if col != "text" and "text" in df.columns:
         rename["text"] = "source_text"
     others = df.drop(columns=[col]).rename(columns=rename).reset_index(drop=True)
-    return pd.concat([_frame({"text": texts}), others], axis=1)
+    return pd.concat([_frame({"text": texts}, start), others], axis=1)
 
 
-def _frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+def _frame(columns: dict[str, list[Any]], start: int = 0) -> pd.DataFrame:
     n = len(columns["text"])
-    out = pd.DataFrame({"sample_id": pd.Series(range(n), dtype="int64")})
+    out = pd.DataFrame({"sample_id": pd.Series(range(start, start + n), dtype="int64")})
     out["text"] = pd.Series(columns["text"], dtype=object).astype(str)
     return out
 

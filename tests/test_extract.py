@@ -150,6 +150,43 @@ def test_token_ids_are_packed_and_equal_the_tokenizers(loaded, monkeypatch):
         tokens.ids[len(texts)]
 
 
+def test_spilled_token_ids_equal_the_in_memory_ones(loaded, tmp_path):
+    from neuronmap import extraction
+
+    lm = loaded("gpt2")
+    texts = PROMPTS * 50
+    in_memory = extraction.tokenize_prompts(lm.tokenizer, texts, max_length=8)
+    batches = (texts[i : i + 64] for i in range(0, len(texts), 64))
+    spilled = extraction.tokenize_batches(lm.tokenizer, batches, max_length=8, spill=tmp_path / "ids.int32")
+    assert isinstance(spilled.ids, extraction.SpilledIds)
+    assert spilled.lengths.tolist() == in_memory.lengths.tolist() and spilled.n_truncated == in_memory.n_truncated
+    assert (tmp_path / "ids.int32").stat().st_size == 4 * int(in_memory.lengths.sum())
+    assert spilled.ids[-1].tolist() == in_memory.ids[-1].tolist()
+    for start, stop in [(0, 7), (5, 120), (340, 350)]:
+        part = extraction.shard_ids(spilled.ids, start, stop)
+        assert [s.tolist() for s in part] == [s.tolist() for s in in_memory.ids[start:stop]]
+        assert [s.tolist() for s in extraction.shard_ids(in_memory.ids, start, stop)] == [s.tolist() for s in part]
+
+
+def test_prompt_file_is_staged_beside_the_run_and_the_staging_is_removed(loaded, tmp_path, monkeypatch):
+    from neuronmap import prompt_table
+    from neuronmap.prompts import load_prompts, prompt_source_hash
+
+    monkeypatch.setattr(prompt_table, "CHUNK_ROWS", 3)  # several chunks, as a large file would have
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(f'{{"text": "{t}", "i": {i}}}\n' for i, t in enumerate(PROMPTS)))
+    run = neuronmap.extract(loaded("gpt2"), source, layers="blocks.0", out=tmp_path / "runs" / "r",
+                            samples_per_shard=2)
+    reference = neuronmap.extract(loaded("gpt2"), PROMPTS, layers="blocks.0", out=tmp_path / "ref",
+                                  samples_per_shard=2)
+    np.testing.assert_array_equal(run.array("blocks.0"), reference.array("blocks.0"))
+    assert run.prompts["i"].tolist() == list(range(len(PROMPTS)))
+    assert run.manifest.prompt_source_hash == prompt_source_hash(load_prompts(source))
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
+    assert not any(p.name.startswith(".r.staging") for p in tmp_path.iterdir())
+    assert verify_run(tmp_path / "runs" / "r").ok
+
+
 def test_interrupted_run_resumes_to_the_same_arrays(loaded, tmp_path, monkeypatch):
     from neuronmap.store import RunWriter
 

@@ -169,6 +169,43 @@ class RunWriter:
             raise
         fsync_dir(self.path)
 
+    def adopt_prompts(self, staged: str | os.PathLike) -> None:
+        """Make the Parquet file `staged` (e.g. `neuronmap.prompt_table.stage_prompts`) the run's prompt
+        table: checked (a `text` column, `sample_id` 0..n-1, n_samples rows), then renamed into place,
+        so a table of any size is stored without being loaded."""
+        staged = Path(staged)
+        try:
+            handle = pq.ParquetFile(staged)
+        except (pa.ArrowException, OSError) as error:
+            raise ConfigError(f"staged prompt table {staged} is not readable Parquet: {error}") from None
+        names = handle.schema_arrow.names
+        if "text" not in names or "sample_id" not in names:
+            raise ConfigError(f"staged prompt table {staged} needs 'sample_id' and 'text' columns; got {names}")
+        if handle.metadata.num_rows != self._manifest.n_samples:
+            raise ConfigError(f"staged prompt table {staged} has {handle.metadata.num_rows} rows but the run has "
+                              f"n_samples={self._manifest.n_samples}")
+        expected = 0
+        for batch in handle.iter_batches(columns=["sample_id"], batch_size=65536):
+            ids = batch.column(0).to_numpy(zero_copy_only=False)
+            if not np.array_equal(ids, np.arange(expected, expected + len(ids))):
+                raise ConfigError(f"staged prompt table {staged} must number its rows 0..n-1 in 'sample_id'")
+            expected += len(ids)
+        final = self.path / PROMPTS_NAME
+        try:
+            try:
+                os.replace(staged, final)
+            except OSError as error:
+                if error.errno != 18:  # EXDEV: another filesystem, copy instead of renaming
+                    raise
+                tmp = self._tmp_name(final)
+                shutil.copyfile(staged, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+        except OSError as error:
+            raise storage_error(error, final) from None
+        fsync_dir(self.path)
+
     def write_shard(self, layer: str, shard_index: int, rows: tuple[int, int], samples: tuple[int, int],
                     activations: np.ndarray, sample_ids: np.ndarray,
                     token_index: np.ndarray | None = None) -> ShardRecord:

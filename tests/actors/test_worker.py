@@ -18,7 +18,7 @@ from actors.worker import ExtractionWorker, WorkerSpec, tokenize_shards
 from neuronmap.errors import UnknownModelError
 from neuronmap.extraction import new_manifest, plan_run
 from neuronmap.models import load_model
-from neuronmap.prompts import load_prompts
+from neuronmap.prompts import load_prompts, prompt_source_hash
 from neuronmap.store import RunWriter, open_run
 
 
@@ -35,7 +35,7 @@ def test_worker_commits_the_same_shards_as_the_local_engine(pooling, layers, gpt
     frame = load_prompts(PROMPTS)
     plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), layers, pooling, "float32",
                           512, 5)
-    writer = RunWriter(tmp_path / "worker", new_manifest(plan, PROMPTS, frame, pooling, "float32", "hdf5", None, 3))
+    writer = RunWriter(tmp_path / "worker", new_manifest(plan, PROMPTS, prompt_source_hash(frame), pooling, "float32", "hdf5", None, 3))
     writer.write_prompts(frame)
     worker = ExtractionWorker(spec_for(plan, tmp_path / "worker", pooling))
     per_token = pooling == "none"
@@ -56,7 +56,7 @@ def test_a_retried_shard_is_skipped_not_duplicated(gpt2_dir, tmp_path, one_threa
     frame = load_prompts(PROMPTS)
     plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), "blocks.0", "mean", "float32",
                           512, 6)
-    writer = RunWriter(tmp_path / "r", new_manifest(plan, PROMPTS, frame, "mean", "float32", "hdf5", None, 3))
+    writer = RunWriter(tmp_path / "r", new_manifest(plan, PROMPTS, prompt_source_hash(frame), "mean", "float32", "hdf5", None, 3))
     worker = ExtractionWorker(spec_for(plan, tmp_path / "r", "mean"))
     table = tokenize_shards(_shard_table(0, plan.shards()[0], 0, frame["sample_id"].to_numpy(), plan.lengths,
                                          frame["text"].tolist()), plan.source, plan.max_length)

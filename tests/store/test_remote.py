@@ -165,13 +165,13 @@ def partial_extract(out, model, prompts, layers, samples_per_shard, batch_size, 
     """Commit shard 0 of the run `neuronmap.extract` would write, then stop as a killed driver would."""
     from neuronmap.extraction import BatchPooler, STORAGE_DTYPES, commit_shard, extract_shard, new_manifest, plan_run
     from neuronmap.models import load_model
-    from neuronmap.prompts import load_prompts
+    from neuronmap.prompts import load_prompts, prompt_source_hash
 
     frame = load_prompts(prompts)
     loaded = load_model(model, device="cpu")
     run_plan, tokens, plan = plan_run(loaded, frame["text"].tolist(), layers, "mean", "float32", 512,
                                       samples_per_shard)
-    writer = RunWriter(out, new_manifest(run_plan, prompts, frame, "mean", "float32", "parquet", None, batch_size))
+    writer = RunWriter(out, new_manifest(run_plan, prompts, prompt_source_hash(frame), "mean", "float32", "parquet", None, batch_size))
     writer.write_prompts(frame)
     samples = run_plan.shards()[0]
     pooler = BatchPooler("mean", STORAGE_DTYPES["float32"], run_plan.pattern_width)

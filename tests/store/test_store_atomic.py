@@ -172,3 +172,22 @@ def test_same_arrays_give_the_same_shard_bytes(tmp_path):
         assert shas[0] == shas[1]
         sizes = [s.bytes for s in load_manifest(first.path).shards]
         assert all(size < 50_000 for size in sizes)  # the 256 KiB space reservation was trimmed
+
+
+def test_adopted_prompt_table_is_renamed_in_and_a_wrong_one_is_refused(tmp_path):
+    import pyarrow as pa
+
+    writer = RunWriter(tmp_path / "run", make_manifest(n_samples=3))
+    good = tmp_path / "staged.parquet"
+    pq.write_table(pa.table({"sample_id": [0, 1, 2], "text": ["a", "b", "c"], "y": [1, 0, 1]}), good)
+    for table, problem in [({"sample_id": [0, 1], "text": ["a", "b"]}, "has 2 rows but the run has n_samples=3"),
+                           ({"sample_id": [0, 2, 1], "text": ["a", "b", "c"]}, "must number its rows 0..n-1"),
+                           ({"id": [0, 1, 2], "text": ["a", "b", "c"]}, "needs 'sample_id' and 'text'")]:
+        bad = tmp_path / "bad.parquet"
+        pq.write_table(pa.table(table), bad)
+        with pytest.raises(ConfigError, match=problem):
+            writer.adopt_prompts(bad)
+        assert not (tmp_path / "run" / "prompts.parquet").exists() and bad.exists()
+    writer.adopt_prompts(good)
+    assert not good.exists()
+    assert pq.read_table(tmp_path / "run" / "prompts.parquet").column("y").to_pylist() == [1, 0, 1]

@@ -1,0 +1,145 @@
+"""Staging a prompt source as a run's prompt table in bounded memory.
+
+Why: held as one pandas frame, plus its list of texts, a prompt file was most of what an
+extraction's memory grew by with its number of prompts (~0.6 KiB a short question; far more for
+documents). Staging reads the source a chunk at a time (`iter_prompts`), writes each chunk as a
+Parquet part, then joins the parts into one `prompts.parquet` under one schema (a label column read
+as ints in one chunk and floats in another becomes floats, as pandas would have made it). What the
+run needs from the table afterwards (row count, `prompt_source_hash`, texts to tokenise, a shard's
+sample ids) is read back from that file a row group or a column at a time. The run's writer then
+adopts the file by a rename (`RunWriter.adopt_prompts`).
+
+The staging folder sits beside the run folder (same filesystem, so the rename is atomic) and is
+removed when extraction ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError
+from .prompts import hash_prompt_columns, iter_prompts
+
+STAGING_MARK = ".staging-"
+CHUNK_ROWS = 65536  # prompts read, checked and written at a time: ~40 MB of short questions
+
+
+@dataclass(frozen=True)
+class StagedPrompts:
+    """A prompt table written to `path` (``sample_id, text, *labels``), with what runs need of it."""
+
+    path: Path
+    n_samples: int
+    source_hash: str  # prompt_source_hash of the table, for the manifest
+    columns: tuple[str, ...]
+
+    def text_batches(self, rows: int = 1024) -> Iterator[list[str]]:
+        """The texts in row order, `rows` at a time (only the `text` column is read)."""
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=rows, columns=["text"]):
+            yield batch.column(0).to_pylist()
+
+
+@contextlib.contextmanager
+def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A new hidden folder beside the run folder `out`, deleted on exit."""
+    from .store.manifest import storage_error
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
+    except OSError as error:
+        raise storage_error(error, out) from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def stage_prompts(source: Any, folder: str | os.PathLike, text_column: str | None = None,
+                  chunk_rows: int | None = None) -> StagedPrompts:
+    """Write the prompt table of `source` to `folder`/prompts.parquet, reading `chunk_rows` at a time
+    (default `CHUNK_ROWS`).
+
+    Raises PromptFileError for a bad source (as `load_prompts` does), ConfigError when a column
+    cannot be stored in Parquet, StorageError when the folder cannot be written.
+    """
+    from .store.manifest import PROMPTS_NAME, storage_error
+
+    folder = Path(folder)
+    target = folder / PROMPTS_NAME
+    parts: list[Path] = []
+    schemas: list[pa.Schema] = []
+    n_samples = 0
+    try:
+        for chunk in iter_prompts(source, text_column=text_column, chunk_rows=chunk_rows or CHUNK_ROWS):
+            table = _to_arrow(chunk)
+            part = folder / f"part-{len(parts):05d}.parquet"
+            pq.write_table(table, part)
+            parts.append(part)
+            schemas.append(table.schema)
+            n_samples += table.num_rows
+        if len(parts) == 1:
+            os.replace(parts[0], target)
+        else:
+            _join(parts, _unified(schemas), target)
+        with open(target, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise storage_error(error, target) from None
+    finally:
+        for part in parts:
+            with contextlib.suppress(OSError):
+                part.unlink()
+    names = tuple(pq.ParquetFile(target).schema_arrow.names)
+    return StagedPrompts(target, n_samples, _stored_hash(target, n_samples), names)
+
+
+def _to_arrow(chunk: Any) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(chunk, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ConfigError(f"prompts cannot be stored as Parquet: {' '.join(str(error).split())}") from None
+
+
+def _unified(schemas: list[pa.Schema]) -> pa.Schema:
+    """The schema every part is cast to: the first one's (pandas metadata kept) when all agree."""
+    plain = [schema.remove_metadata() for schema in schemas]
+    if all(schema.equals(plain[0]) for schema in plain):
+        return schemas[0]
+    try:
+        return pa.unify_schemas(plain, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ConfigError(f"prompts cannot be stored as Parquet: a column holds values of different types in "
+                          f"different rows ({' '.join(str(error).split())}); give each label column one type") from None
+
+
+def _join(parts: list[Path], schema: pa.Schema, target: Path) -> None:
+    """Concatenate the parts into `target`, one part in memory at a time."""
+    with pq.ParquetWriter(target, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part)
+            columns = [table.column(field.name).cast(field.type) if field.name in table.column_names
+                       else pa.nulls(table.num_rows, field.type) for field in schema]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+
+
+def _stored_hash(path: Path, n_samples: int) -> str:
+    """prompt_source_hash of the stored table, read a column and a row group at a time."""
+    handle = pq.ParquetFile(path)
+    others = [name for name in handle.schema_arrow.names if name not in ("sample_id", "text")]
+
+    def values(name: str) -> Iterator[list[Any]]:
+        for group in range(handle.num_row_groups):
+            yield handle.read_row_group(group, columns=[name]).column(0).to_pandas().tolist()
+
+    return hash_prompt_columns(n_samples, others, values)

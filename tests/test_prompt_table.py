@@ -1,0 +1,121 @@
+"""Staging a prompt source in chunks: the stored table and its hash equal what `load_prompts` gives
+for the whole source at once (the independent reference), whatever the chunk size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from neuronmap.errors import ConfigError, PromptFileError
+from neuronmap.prompt_table import stage_prompts, staging_folder
+from neuronmap.prompts import DEFAULT_PROMPTS, iter_prompts, load_prompts, prompt_source_hash
+
+
+def _shipped(n: int = 50) -> pd.DataFrame:
+    return load_prompts(DEFAULT_PROMPTS).drop(columns=["sample_id"]).iloc[:n].reset_index(drop=True)
+
+
+def _sources(tmp_path):
+    frame = _shipped()
+    frame.to_csv(tmp_path / "p.csv", index=False)
+    frame.to_parquet(tmp_path / "p.parquet", index=False)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in frame.to_dict("records")))
+    (tmp_path / "p.txt").write_text("\n".join(frame["text"]) + "\n")
+    return {"csv": tmp_path / "p.csv", "parquet": tmp_path / "p.parquet", "jsonl": tmp_path / "p.jsonl",
+            "txt": tmp_path / "p.txt", "list": frame["text"].tolist(), "frame": frame}
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "jsonl", "txt", "list", "frame"])
+@pytest.mark.parametrize("chunk_rows", [7, 50, 65536])
+def test_staged_table_equals_the_whole_source_loaded(tmp_path, kind, chunk_rows):
+    source = _sources(tmp_path)[kind]
+    whole = load_prompts(source)
+    chunks = list(iter_prompts(source, chunk_rows=chunk_rows))
+    assert [len(c) for c in chunks] == [min(chunk_rows, 50 - i) for i in range(0, 50, chunk_rows)]
+    pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), whole)
+
+    folder = tmp_path / f"stage-{kind}"
+    folder.mkdir()
+    staged = stage_prompts(source, folder, chunk_rows=chunk_rows)
+    assert staged.n_samples == len(whole) and list(staged.columns) == list(whole.columns)
+    pd.testing.assert_frame_equal(pd.read_parquet(staged.path), whole)
+    assert staged.source_hash == prompt_source_hash(whole)
+    assert [t for batch in staged.text_batches(rows=16) for t in batch] == whole["text"].tolist()
+    assert sorted(p.name for p in folder.iterdir()) == ["prompts.parquet"]  # parts are removed
+
+
+def test_columns_whose_type_or_presence_differs_between_chunks_are_unified(tmp_path):
+    rows = [{"text": f"prompt {i}", "score": i} for i in range(6)]
+    rows += [{"text": "late", "score": 2.5, "note": "appears late"}, {"text": "gap", "score": None}]
+    path = tmp_path / "drift.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    whole = load_prompts(path)  # pandas makes `score` float64 and `note` mostly missing
+
+    staged = stage_prompts(path, tmp_path, chunk_rows=3)
+    stored = pd.read_parquet(staged.path)
+    assert list(stored.columns) == ["sample_id", "text", "score", "note"]
+    assert stored["score"].dtype == np.float64
+    np.testing.assert_array_equal(stored["score"].to_numpy(), whole["score"].to_numpy())
+    assert [None if pd.isna(v) else v for v in stored["note"]] == [None] * 6 + ["appears late", None]
+    assert staged.source_hash == prompt_source_hash(whole)
+
+
+def test_a_column_of_two_incompatible_types_is_one_clear_error(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": i if i < 3 else f"s{i}"}) + "\n" for i in range(6)))
+    with pytest.raises(ConfigError, match="different types.*give each label column one type"):
+        stage_prompts(path, tmp_path, chunk_rows=3)
+
+
+def test_errors_in_a_later_chunk_name_the_row_as_a_whole_load_does(tmp_path):
+    rows = [{"text": f"prompt {i}"} for i in range(10)] + [{"text": "   "}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(PromptFileError) as whole:
+        load_prompts(path)
+    with pytest.raises(PromptFileError) as chunked:
+        stage_prompts(path, tmp_path, chunk_rows=4)
+    assert str(chunked.value) == str(whole.value) and "line 11" in str(whole.value)
+
+    frame = pd.DataFrame({"text": [f"p{i}" for i in range(9)] + [None]})
+    with pytest.raises(PromptFileError, match="row 9 has no text"):
+        list(iter_prompts(frame, chunk_rows=4))
+
+
+def test_a_text_key_that_only_appears_in_a_later_chunk_asks_for_the_column(tmp_path):
+    rows = [{"prompt": f"p{i}"} for i in range(4)] + [{"prompt": "p", "text": "t"}]
+    path = tmp_path / "late_text.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(PromptFileError, match="line 1 has no text in column 'text'"):
+        load_prompts(path)  # the whole file picks `text`, which line 1 lacks
+    with pytest.raises(PromptFileError, match="line 5 onwards has a key 'text'.*--text-column"):
+        stage_prompts(path, tmp_path, chunk_rows=2)
+    staged = stage_prompts(path, tmp_path, text_column="prompt", chunk_rows=2)
+    assert staged.source_hash == prompt_source_hash(load_prompts(path, text_column="prompt"))
+
+
+def test_limit_stops_across_chunks(tmp_path):
+    source = _sources(tmp_path)["parquet"]
+    chunks = list(iter_prompts(source, limit=12, chunk_rows=5))
+    assert [len(c) for c in chunks] == [5, 5, 2]
+    pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), load_prompts(source, limit=12))
+
+
+def test_staging_folder_is_beside_the_run_and_removed_even_on_error(tmp_path):
+    out = tmp_path / "runs" / "r1"
+    with pytest.raises(PromptFileError):
+        with staging_folder(out) as folder:
+            assert folder.parent == out.parent and folder.name.startswith(".r1.staging-")
+            stage_prompts([], folder)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_staged_file_reads_with_plain_pyarrow(tmp_path):
+    staged = stage_prompts(_sources(tmp_path)["frame"], tmp_path, chunk_rows=8)
+    table = pq.read_table(staged.path)
+    assert table.column("sample_id").to_pylist() == list(range(50))
+    assert pq.ParquetFile(staged.path).num_row_groups == 7
