@@ -107,8 +107,9 @@ def run_ray_extraction(
                           "--gpus-per-worker")
     from neuronmap.extraction import default_out, new_manifest, progress_bar
     from neuronmap.models import LoadedModel
-    from neuronmap.prompts import load_prompts, prompt_source_hash
+    from neuronmap.prompt_table import stage_prompts, staging_folder
     from neuronmap.store import RunWriter, open_run
+    from neuronmap.store.manifest import PROMPTS_NAME
 
     cpus = 1.0 if cpus_per_worker is None else float(cpus_per_worker)
     gpus = 0.0 if gpus_per_worker is None else float(gpus_per_worker)
@@ -121,53 +122,59 @@ def run_ray_extraction(
     if isinstance(model, LoadedModel):  # workers load their own copy from the same source
         model = model.source
     model = str(model)
-    frame = load_prompts(prompts, text_column=text_column)
-
-    with ray_session(address, num_cpus=(workers or 1) * cpus + options.TOKENIZE_CPUS), options.quiet_logs():
-        capacity = check_resources(workers, cpus, gpus)
-        plan = _plan(model, device, model_dtype, frame["text"].tolist(), layers, pooling, dtype, max_length,
-                     samples_per_shard, cpus, gpus)
-        out = Path(out) if out is not None else default_out(plan.model)
-        manifest = new_manifest(plan, prompts, prompt_source_hash(frame), pooling, dtype, format, compression, batch_size)
-        writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
-        writer.write_prompts(frame)
-        try:
-            per_token = pooling == "none"
-            shards = plan.shards()
-            todo = [i for i in range(len(shards)) if not all(writer.committed(name, i) for name in plan.layers)]
-            with progress_bar(progress, plan.n_samples, f"extract {plan.model} on ray") as bar:
-                bar.advance(0, plan.n_samples - sum(len(shards[i]) for i in todo))  # resumed shards
-                records = []
-                for record in _pipeline(out, plan, frame, shards, todo, per_token, device, model_dtype, pooling,
-                                        dtype, batch_size, workers, capacity.max_workers, cpus, gpus):
-                    records.append(record)
-                    bar.advance(0, record["samples"])
-                    if on_shard is not None:
-                        on_shard(record)
-            _merge(writer, records, out)
-            writer.complete()
-        except KeyboardInterrupt:
-            raise
-        except Exception as error:  # the run stays resumable; mark why it stopped
-            worker_error = find_worker_error(error)
-            with contextlib.suppress(Exception):
-                writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
-            if worker_error is not None:
-                raise worker_error from None
-            raise
+    # The prompt table is staged beside the run, in chunks: the driver never holds it whole.
+    with staging_folder(Path(out) if out is not None else default_out(model)) as staging:
+        staged = stage_prompts(prompts, staging, text_column=text_column)
+        with ray_session(address, num_cpus=(workers or 1) * cpus + options.TOKENIZE_CPUS), options.quiet_logs():
+            capacity = check_resources(workers, cpus, gpus)
+            plan = _plan(model, device, model_dtype, staged, layers, pooling, dtype, max_length, samples_per_shard,
+                         cpus, gpus)
+            out = Path(out) if out is not None else default_out(plan.model)
+            manifest = new_manifest(plan, prompts, staged.source_hash, pooling, dtype, format, compression, batch_size)
+            writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
+            writer.adopt_prompts(staged.path)
+            try:
+                per_token = pooling == "none"
+                shards = plan.shards()
+                todo = [i for i in range(len(shards)) if not all(writer.committed(name, i) for name in plan.layers)]
+                with progress_bar(progress, plan.n_samples, f"extract {plan.model} on ray") as bar:
+                    bar.advance(0, plan.n_samples - sum(len(shards[i]) for i in todo))  # resumed shards
+                    records = []
+                    for record in _pipeline(out, plan, out / PROMPTS_NAME, shards, todo, per_token, device, model_dtype,
+                                            pooling, dtype, batch_size, workers, capacity.max_workers, cpus, gpus):
+                        records.append(record)
+                        bar.advance(0, record["samples"])
+                        if on_shard is not None:
+                            on_shard(record)
+                _merge(writer, records, out)
+                writer.complete()
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # the run stays resumable; mark why it stopped
+                worker_error = find_worker_error(error)
+                with contextlib.suppress(Exception):
+                    writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
+                if worker_error is not None:
+                    raise worker_error from None
+                raise
     return open_run(out)
 
 
-def _plan(model: str, device: str, model_dtype: str, texts: list[str], layers: Any, pooling: str, dtype: str,
+def _plan(model: str, device: str, model_dtype: str, staged: Any, layers: Any, pooling: str, dtype: str,
           max_length: int, samples_per_shard: int | None, cpus: float, gpus: float) -> Any:
-    """Run the planning task with one worker's resources; its errors come back typed."""
+    """Run the planning task with one worker's resources; its errors come back typed.
+
+    The texts go to the task as object-store batches (`StagedPrompts.text_batches`), put one at a
+    time, so neither the driver nor the task holds them all.
+    """
     import ray
 
     from .worker import plan_remote
 
+    batches = [ray.put(batch) for batch in staged.text_batches(rows=8192)]
     task = ray.remote(plan_remote).options(**options.plan_task_options(cpus, gpus))
     try:
-        return ray.get(task.remote(model, device, model_dtype, texts, layers, pooling, dtype, max_length,
+        return ray.get(task.remote(model, device, model_dtype, batches, layers, pooling, dtype, max_length,
                                    samples_per_shard))
     except Exception as error:
         worker_error = find_worker_error(error)
@@ -176,20 +183,21 @@ def _plan(model: str, device: str, model_dtype: str, texts: list[str], layers: A
         raise
 
 
-def _shard_table(index: int, samples: range, row_start: int, sample_ids: np.ndarray, lengths: np.ndarray,
-                 texts: list[str]) -> pa.Table:
-    """One dataset row (one block) per shard: what the tokenise stage and a worker need, nothing more."""
-    part = slice(samples.start, samples.stop)
+def _shard_table(index: int, samples: range, row_start: int, lengths: np.ndarray, texts: list[str]) -> pa.Table:
+    """One dataset row (one block) per shard: what the tokenise stage and a worker need, nothing more.
+
+    texts : the shard's prompts (samples.start..samples.stop-1)
+    """
     return pa.table({
         "shard": pa.array([index], pa.int64()), "start": pa.array([samples.start], pa.int64()),
         "stop": pa.array([samples.stop], pa.int64()), "row_start": pa.array([row_start], pa.int64()),
-        "sample_id": pa.array([sample_ids[part]], pa.list_(pa.int64())),
-        "lengths": pa.array([lengths[part]], pa.list_(pa.int64())),
-        "text": pa.array([texts[part]], pa.list_(pa.string())),
+        "sample_id": pa.array([np.arange(samples.start, samples.stop, dtype=np.int64)], pa.list_(pa.int64())),
+        "lengths": pa.array([lengths[samples.start : samples.stop]], pa.list_(pa.int64())),
+        "text": pa.array([texts], pa.list_(pa.string())),
     })
 
 
-def _pipeline(out: Path, plan: Any, frame: Any, shards: list[range], todo: list[int], per_token: bool, device: str,
+def _pipeline(out: Path, plan: Any, prompts_path: Path, shards: list[range], todo: list[int], per_token: bool, device: str,
               model_dtype: str, pooling: str, dtype: str, batch_size: int, workers: int | None, max_workers: int,
               cpus: float, gpus: float):
     """Yield one record dict per shard as workers commit them (streaming; nothing else comes back)."""
@@ -203,11 +211,15 @@ def _pipeline(out: Path, plan: Any, frame: Any, shards: list[range], todo: list[
                       config_hash=plan.config_hash, shapes=dict(plan.shapes), kinds=dict(plan.kinds), pooling=pooling,
                       dtype=dtype, batch_size=batch_size, max_length=plan.max_length, pattern_width=plan.pattern_width,
                       threads=max(1, int(cpus)))
-    sample_ids, texts = frame["sample_id"].to_numpy(), frame["text"].tolist()
-    tables = [_shard_table(i, shards[i], plan.first_row(shards[i].start, per_token), sample_ids, plan.lengths, texts)
+    from neuronmap.prompt_table import read_texts
+
+    # Each shard's texts are read from the run's prompt table and put in the object store on their
+    # own, so the driver holds one shard's texts at a time.
+    tables = [ray.put(_shard_table(i, shards[i], plan.first_row(shards[i].start, per_token), plan.lengths,
+                                   read_texts(prompts_path, shards[i].start, shards[i].stop)))
               for i in todo]
     with options.data_context():
-        ds = ray.data.from_arrow(tables)  # one block per shard: shards spread over the workers
+        ds = ray.data.from_arrow_refs(tables)  # one block per shard: shards spread over the workers
         ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, n_shards=len(tables),
                                   source=plan.source, max_length=plan.max_length)
         ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus)

@@ -32,7 +32,7 @@ import torch
 
 from neuronmap.errors import ConfigError
 from neuronmap.extraction import (STORAGE_DTYPES, ExtractionPlan, TokenizedPrompts, length_sorted_batches, pad_batch,
-                                  tokenize_prompts)
+                                  shard_ids, tokenize_prompts)
 
 from . import options as ray_options
 from .errors import WorkerError, find_worker_error
@@ -308,8 +308,11 @@ class PipelineExtractor:
         outputs: dict[int, dict[str, np.ndarray]] = {}
 
         def feed() -> Iterator[tuple[Any, list[Sequence[int]]]]:
-            for s, local in batches:
-                yield (s, local), [tokens.ids[i] for i in local + shards[s].start]
+            current, ids = None, None
+            for s, local in batches:  # in shard order: one shard's ids at a time (read from disk when spilled)
+                if s != current:
+                    current, ids = s, shard_ids(tokens.ids, shards[s].start, shards[s].stop)
+                yield (s, local), [ids[i] for i in local]
 
         for (s, local), arrays in self.stream(feed(), int(tokens.lengths.max())):
             samples = shards[s]

@@ -26,6 +26,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from neuronmap.errors import ConfigError
 
 from . import options as ray_options
@@ -75,8 +77,8 @@ def run_pipeline_run(
     """
     import torch
 
-    from neuronmap.extraction import RunPlan, default_out, new_manifest, tokenize_prompts
-    from neuronmap.prompts import load_prompts, prompt_source_hash
+    from neuronmap.extraction import RunPlan, default_out, new_manifest, tokenize_batches
+    from neuronmap.prompt_table import stage_prompts, staging_folder
 
     from .pipeline import PipelineExtractor, PipelineOptions
     from .stage_loading import model_dtype as stage_model_dtype
@@ -91,38 +93,42 @@ def run_pipeline_run(
         raise ConfigError(f"gpus_per_stage={gpus:g} must be >= 0")
     on_gpu = _stage_device(device, gpus)
     name, source, config, config_hash, tokenizer = _describe_model(model)
-    frame = load_prompts(prompts, text_column=text_column)
+    out = Path(out) if out is not None else default_out(name)
 
     options = PipelineOptions(stages=stages, num_cpus_per_stage=cpus, num_gpus_per_stage=gpus,
                               micro_batch_size=batch_size, model_dtype=model_dtype)
     extractor = PipelineExtractor(source, layers, pooling=pooling, dtype=dtype, options=options)
-    extractor.layout()  # bad stages/layers/family: ConfigError before Ray starts
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     max_length = int(limit) if limit and max_length > limit else max_length  # as plan_run does
-    tokens = tokenize_prompts(tokenizer, frame["text"].tolist(), max_length)
     computed = stage_model_dtype(config, model_dtype, torch.device("cuda" if on_gpu else "cpu"))
 
-    with ray_session(address, num_cpus=stages * cpus), ray_options.quiet_logs():
-        _check_gpus(gpus)
-        with extractor:
-            plan = extractor.plan(tokens, samples_per_shard)
-            run_plan = RunPlan(model=name, config_hash=config_hash, tokenizer=tokenizer.name_or_path,
-                               source=source, model_dtype=str(computed).removeprefix("torch."), shapes=plan.shapes,
-                               kinds=plan.kinds, samples_per_shard=plan.samples_per_shard, max_length=max_length,
-                               lengths=tokens.lengths, n_truncated=tokens.n_truncated)
-            out = Path(out) if out is not None else default_out(name)
-            manifest = new_manifest(run_plan, prompts, prompt_source_hash(frame), pooling, dtype, format, compression,
-                                    batch_size)
-            _write(extractor, run_plan, tokens, frame, manifest, out, format, compression, overwrite, batch_size,
-                   pooling == "none", progress, f"extract {name} on ray ({extractor.n_started} stages)", on_shard)
-            if on_stages is not None:
-                on_stages(extractor.info())
+    # The prompt table is staged beside the run and the token ids spill to a file: the driver holds
+    # neither whole (as the local engine).
+    with staging_folder(out) as staging:
+        staged = stage_prompts(prompts, staging, text_column=text_column)
+        extractor.layout()  # bad stages/layers/family: ConfigError before Ray starts
+        tokens = tokenize_batches(tokenizer, staged.text_batches(), max_length, spill=staging / "token-ids.int32")
+        with ray_session(address, num_cpus=stages * cpus), ray_options.quiet_logs():
+            _check_gpus(gpus)
+            with extractor:
+                plan = extractor.plan(tokens, samples_per_shard)
+                run_plan = RunPlan(model=name, config_hash=config_hash, tokenizer=tokenizer.name_or_path,
+                                   source=source, model_dtype=str(computed).removeprefix("torch."), shapes=plan.shapes,
+                                   kinds=plan.kinds, samples_per_shard=plan.samples_per_shard, max_length=max_length,
+                                   lengths=tokens.lengths, n_truncated=tokens.n_truncated)
+                manifest = new_manifest(run_plan, prompts, staged.source_hash, pooling, dtype, format, compression,
+                                        batch_size)
+                _write(extractor, run_plan, tokens, staged.path, manifest, out, format, compression, overwrite,
+                       batch_size, pooling == "none", progress,
+                       f"extract {name} on ray ({extractor.n_started} stages)", on_shard)
+                if on_stages is not None:
+                    on_stages(extractor.info())
     from neuronmap.store import open_run
 
     return open_run(out)
 
 
-def _write(extractor: Any, run_plan: Any, tokens: Any, frame: Any, manifest: Any, out: Path, format: str,
+def _write(extractor: Any, run_plan: Any, tokens: Any, prompts_path: Path, manifest: Any, out: Path, format: str,
            compression: str | None, overwrite: bool, batch_size: int, per_token: bool, progress: bool,
            description: str, on_shard: Callable[[dict], None] | None) -> None:
     """Create or resume the run at `out` and commit every missing shard as the stages deliver it."""
@@ -130,12 +136,11 @@ def _write(extractor: Any, run_plan: Any, tokens: Any, frame: Any, manifest: Any
     from neuronmap.store import RunWriter
 
     writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
-    writer.write_prompts(frame)
+    writer.adopt_prompts(prompts_path)
     shards = run_plan.shards()
     index_of = {samples.start: index for index, samples in enumerate(shards)}
     todo = [samples for index, samples in enumerate(shards)
             if not all(writer.committed(name, index) for name in run_plan.layers)]
-    sample_ids = frame["sample_id"].to_numpy()
     try:
         with progress_bar(progress, run_plan.n_samples, description) as bar:
             bar.advance(0, run_plan.n_samples - sum(len(samples) for samples in todo))  # resumed shards
@@ -144,7 +149,8 @@ def _write(extractor: Any, run_plan: Any, tokens: Any, frame: Any, manifest: Any
                 index = index_of[samples.start]
                 part = slice(samples.start, samples.stop)
                 records = commit_shard(writer, index, samples, run_plan.first_row(samples.start, per_token), arrays,
-                                       sample_ids[part], tokens.lengths[part], per_token)
+                                       np.arange(samples.start, samples.stop, dtype=np.int64), tokens.lengths[part],
+                                       per_token)
                 if on_shard is not None:
                     on_shard({"shard": index, "samples": len(samples), "paths": [r.path for r in records],
                               "sha256": [r.sha256 for r in records]})

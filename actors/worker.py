@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,18 +43,36 @@ class WorkerSpec:
     threads: int = 1  # torch intra-op threads: the CPUs reserved for the worker
 
 
-def plan_remote(model: str, device: str, model_dtype: str, texts: list[str], layers: Any, pooling: str, dtype: str,
+class _StoredBatches:
+    """Text batches held in Ray's object store, as `plan_run` reads a staged table: one batch at a time."""
+
+    def __init__(self, refs: list[Any]):
+        self.refs = refs
+
+    def text_batches(self) -> Iterator[list[str]]:
+        import ray
+
+        for ref in self.refs:
+            yield ray.get(ref)
+
+
+def plan_remote(model: str, device: str, model_dtype: str, texts: list[Any], layers: Any, pooling: str, dtype: str,
                 max_length: int, samples_per_shard: int | None) -> Any:
     """Load the model where workers run and plan the run (tokenise all prompts, measure layer shapes).
 
+    texts : the prompts, or ObjectRefs of batches of them (the engine's way: see `engine._plan`)
     Returns a RunPlan; any failure comes back as a WorkerError carrying the cause.
     """
+    import ray
+
     from neuronmap.extraction import plan_run
     from neuronmap.models import load_model
 
     try:
         _quiet_transformers()
         loaded = load_model(model, device=device, dtype=model_dtype)
+        if texts and isinstance(texts[0], ray.ObjectRef):  # batches in the object store, fetched one at a time
+            texts = _StoredBatches(texts)
         run_plan, _tokens, _plan = plan_run(loaded, texts, layers, pooling, dtype, max_length, samples_per_shard)
         return run_plan
     except Exception as error:

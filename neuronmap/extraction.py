@@ -404,15 +404,16 @@ def plan_run(
 ) -> tuple[RunPlan, TokenizedPrompts, ExtractionPlan]:
     """Tokenise every prompt and plan the run (layers, shapes, shard size) where the model is loaded.
 
-    `texts` is a sequence of strings, or a `StagedPrompts` table: then the texts are read from it a
-    batch at a time and the token ids spill to a file beside it, so memory holds only the lengths.
+    `texts` is a sequence of strings, or anything with `text_batches()`: a `StagedPrompts` table is
+    read a batch at a time and its token ids spill to a file beside it, so memory holds only the lengths.
     """
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
     if limit and max_length > limit:
         max_length = int(limit)
-    if hasattr(texts, "text_batches"):
+    if hasattr(texts, "text_batches"):  # a stored table: ids spill beside it; other batch sources keep them
+        path = getattr(texts, "path", None)
         tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length,
-                                  spill=texts.path.parent / "token-ids.int32")
+                                  spill=Path(path).parent / "token-ids.int32" if path is not None else None)
     else:
         tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
     plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)

@@ -48,6 +48,23 @@ class StagedPrompts:
             yield batch.column(0).to_pylist()
 
 
+def read_texts(path: str | os.PathLike, start: int, stop: int) -> list[str]:
+    """The texts of rows `start..stop-1` of a stored prompt table, reading only the row groups that
+    hold them (a shard's prompts, for engines that hand texts to workers)."""
+    handle = pq.ParquetFile(path)
+    texts: list[str] = []
+    first = 0
+    for group in range(handle.num_row_groups):
+        size = handle.metadata.row_group(group).num_rows
+        if first < stop and first + size > start:
+            column = handle.read_row_group(group, columns=["text"]).column(0)
+            texts += column.slice(max(start - first, 0), min(stop, first + size) - max(start, first)).to_pylist()
+        first += size
+        if first >= stop:
+            break
+    return texts
+
+
 @contextlib.contextmanager
 def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the run folder `out`, deleted on exit."""

@@ -119,3 +119,13 @@ def test_staged_file_reads_with_plain_pyarrow(tmp_path):
     table = pq.read_table(staged.path)
     assert table.column("sample_id").to_pylist() == list(range(50))
     assert pq.ParquetFile(staged.path).num_row_groups == 7
+
+
+def test_read_texts_reads_any_row_range_across_row_groups(tmp_path):
+    from neuronmap.prompt_table import read_texts
+
+    frame = _sources(tmp_path)["frame"]
+    staged = stage_prompts(frame, tmp_path, chunk_rows=8)  # row groups of 8 rows
+    texts = frame["text"].tolist()
+    for start, stop in [(0, 50), (0, 1), (7, 9), (8, 16), (13, 42), (49, 50), (5, 5)]:
+        assert read_texts(staged.path, start, stop) == texts[start:stop]

@@ -99,10 +99,11 @@ def test_worker_that_cannot_start_fails_the_pipeline_on_the_first_death(ray_clus
     plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), "blocks.0", "mean", "float32",
                           512, 4)
     plan.config_hash = "0" * 64  # the planner saw another model than the workers load
+    frame.to_parquet(tmp_path / "prompts.parquet", index=False)
     started = time.monotonic()
     with pytest.raises(Exception) as caught:
-        list(_pipeline(tmp_path / "run", plan, frame, plan.shards(), [0, 1, 2], False, "cpu", "auto", "mean",
-                       "float32", 2, 1, 1, 1.0, 0.0))
+        list(_pipeline(tmp_path / "run", plan, tmp_path / "prompts.parquet", plan.shards(), [0, 1, 2], False, "cpu",
+                       "auto", "mean", "float32", 2, 1, 1, 1.0, 0.0))
     assert time.monotonic() - started < 60
     found = find_worker_error(caught.value)
     assert isinstance(found, WorkerUserError) and isinstance(found.cause, ConfigError), repr(caught.value)

@@ -35,13 +35,15 @@ def test_worker_commits_the_same_shards_as_the_local_engine(pooling, layers, gpt
     frame = load_prompts(PROMPTS)
     plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), layers, pooling, "float32",
                           512, 5)
-    writer = RunWriter(tmp_path / "worker", new_manifest(plan, PROMPTS, prompt_source_hash(frame), pooling, "float32", "hdf5", None, 3))
+    writer = RunWriter(tmp_path / "worker", new_manifest(plan, PROMPTS, prompt_source_hash(frame), pooling, "float32",
+                                                         "hdf5", None, 3))
     writer.write_prompts(frame)
     worker = ExtractionWorker(spec_for(plan, tmp_path / "worker", pooling))
     per_token = pooling == "none"
-    sample_ids, texts = frame["sample_id"].to_numpy(), frame["text"].tolist()
+    texts = frame["text"].tolist()
     for index, samples in reversed(list(enumerate(plan.shards()))):  # order does not matter
-        table = _shard_table(index, samples, plan.first_row(samples.start, per_token), sample_ids, plan.lengths, texts)
+        table = _shard_table(index, samples, plan.first_row(samples.start, per_token), plan.lengths,
+                             texts[samples.start : samples.stop])
         records = worker(tokenize_shards(table, plan.source, plan.max_length)).to_pylist()
         assert [r["shard"] for r in records] == [index] and len(records[0]["paths"]) == len(plan.layers)
     writer.complete()
@@ -56,10 +58,12 @@ def test_a_retried_shard_is_skipped_not_duplicated(gpt2_dir, tmp_path, one_threa
     frame = load_prompts(PROMPTS)
     plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), "blocks.0", "mean", "float32",
                           512, 6)
-    writer = RunWriter(tmp_path / "r", new_manifest(plan, PROMPTS, prompt_source_hash(frame), "mean", "float32", "hdf5", None, 3))
+    writer = RunWriter(tmp_path / "r", new_manifest(plan, PROMPTS, prompt_source_hash(frame), "mean", "float32", "hdf5",
+                                                    None, 3))
     worker = ExtractionWorker(spec_for(plan, tmp_path / "r", "mean"))
-    table = tokenize_shards(_shard_table(0, plan.shards()[0], 0, frame["sample_id"].to_numpy(), plan.lengths,
-                                         frame["text"].tolist()), plan.source, plan.max_length)
+    first_shard = plan.shards()[0]
+    table = tokenize_shards(_shard_table(0, first_shard, 0, plan.lengths, frame["text"].tolist()[:first_shard.stop]),
+                            plan.source, plan.max_length)
     first, again = worker(table).to_pylist()[0], worker(table).to_pylist()[0]
     assert len(first["paths"]) == 1 and again["paths"] == [] and again["samples"] == first["samples"]
     assert len(writer.update().shards) == 1
