@@ -145,12 +145,19 @@ def prompt_source_hash(df: pd.DataFrame) -> str:
     other columns are hashed in sorted-name order, so reordering columns does not change the hash,
     while any change of a text, a label value or the row order does. Values are serialised
     canonically (missing -> null, numpy scalars -> Python, floats by repr), so the hash is the same
-    across processes, machines and the CSV/Parquet/JSONL form of the same table.
+    across processes, machines and the CSV/Parquet/JSONL form of the same table. Values are taken as
+    Arrow (and so a run's ``prompts.parquet``) holds them: a struct column gives every row all keys.
     """
     if "text" not in df.columns:
         raise PromptFileError("prompt table has no 'text' column: load it with neuronmap.prompts.load_prompts")
     others = [str(c) for c in df.columns if c not in ("sample_id", "text")]
-    return hash_prompt_columns(len(df), others, lambda name: [df[_original_name(df, name)].tolist()])
+    import pyarrow as pa
+
+    try:  # hash the values as prompts.parquet will hold them, so a table hashes the same once stored
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):  # not storable as it is: hash the values themselves
+        return hash_prompt_columns(len(df), others, lambda name: [df[_original_name(df, name)].tolist()])
+    return hash_prompt_columns(len(df), others, lambda name: [table.column(name).to_pandas().tolist()])
 
 
 def hash_prompt_columns(n_rows: int, others: Sequence[str], values: Any) -> str:

@@ -129,3 +129,14 @@ def test_read_texts_reads_any_row_range_across_row_groups(tmp_path):
     texts = frame["text"].tolist()
     for start, stop in [(0, 50), (0, 1), (7, 9), (8, 16), (13, 42), (49, 50), (5, 5)]:
         assert read_texts(staged.path, start, stop) == texts[start:stop]
+
+
+def test_a_table_hashes_the_same_in_memory_and_once_stored(tmp_path):
+    # nested values change shape in Arrow (every struct row gets every key): the hash follows Arrow
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "meta": [{"x": 1}, {"y": "z"}, None],
+                          "tags": [["p", "q"], [], None], "when": pd.to_datetime(["2024-01-01", None, "2024-03-01"])})
+    staged = stage_prompts(frame, tmp_path, chunk_rows=2)
+    assert staged.source_hash == prompt_source_hash(load_prompts(frame))
+    assert staged.source_hash == prompt_source_hash(pd.read_parquet(staged.path))
+    changed = frame.assign(meta=[{"x": 1}, {"y": "other"}, None])
+    assert prompt_source_hash(load_prompts(changed)) != staged.source_hash
