@@ -168,10 +168,9 @@ def hash_prompt_columns(n_rows: int, others: Sequence[str], values: Any) -> str:
     h.update(f"{n_rows}\n".encode())
     for col in ["text", *sorted(others)]:
         h.update(b"\x00col\x00" + json.dumps(col, ensure_ascii=False).encode("utf-8") + b"\n")
-        for part in values(col):
-            for value in part:
-                h.update(json.dumps(_canonical(value), ensure_ascii=False).encode("utf-8"))
-                h.update(b"\n")
+        for part in values(col):  # one update per part: the same bytes as one per value, far fewer calls
+            h.update("".join([json.dumps(_canonical(value), ensure_ascii=False) + "\n" for value in part])
+                     .encode("utf-8"))
     return h.hexdigest()
 
 
@@ -539,6 +538,8 @@ def _original_name(df: pd.DataFrame, name: str) -> Any:
 
 
 def _canonical(value: Any) -> Any:
+    if type(value) is str:  # most values: texts and string labels
+        return value
     if _is_missing(value):
         return None
     if hasattr(value, "item") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 0) == 0:
