@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from glob import escape as glob_escape
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,19 +68,52 @@ def read_texts(path: str | os.PathLike, start: int, stop: int) -> list[str]:
 
 @contextlib.contextmanager
 def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
-    """A new hidden folder beside the run folder `out`, deleted on exit."""
+    """A new hidden folder beside the run folder `out`, deleted on exit.
+
+    Its name carries this host and process id (`.<run>.staging-<host>-<pid>-XXXX`), so the folder of
+    a process killed outright (SIGKILL, OOM) is recognised and removed by the next extraction to the
+    same run on the same host; a live process's folder, or another host's, is left alone.
+    """
     from .store.manifest import storage_error
 
     out = Path(out)
+    host = _host()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
+        _remove_abandoned(out, host)
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{host}-{os.getpid()}-", dir=out.parent))
     except OSError as error:
         raise storage_error(error, out) from None
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _host() -> str:
+    """This machine's name, safe in a file name."""
+    import socket
+
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _remove_abandoned(out: Path, host: str) -> None:
+    """Delete staging folders of `out` left by dead processes of this host."""
+    prefix = f".{out.name}{STAGING_MARK}{host}-"
+    for folder in out.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def stage_prompts(source: Any, folder: str | os.PathLike, text_column: str | None = None,

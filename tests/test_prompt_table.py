@@ -140,3 +140,28 @@ def test_a_table_hashes_the_same_in_memory_and_once_stored(tmp_path):
     assert staged.source_hash == prompt_source_hash(pd.read_parquet(staged.path))
     changed = frame.assign(meta=[{"x": 1}, {"y": "other"}, None])
     assert prompt_source_hash(load_prompts(changed)) != staged.source_hash
+
+
+def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from neuronmap.prompt_table import _host
+
+    out = tmp_path / "runs" / "r1"
+    out.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    abandoned = out.parent / f".r1.staging-{_host()}-{dead.pid}-abcd"
+    alive = out.parent / f".r1.staging-{_host()}-{os.getpid()}-efgh"  # a live process's: kept
+    elsewhere = out.parent / f".r1.staging-otherhost-{dead.pid}-ijkl"  # another host's: kept
+    other_run = out.parent / f".r2.staging-{_host()}-{dead.pid}-mnop"  # another run's: kept
+    for folder in (abandoned, alive, elsewhere, other_run):
+        folder.mkdir()
+        (folder / "prompts.parquet").write_bytes(b"x")
+    with staging_folder(out) as folder:
+        assert folder.name.startswith(f".r1.staging-{_host()}-{os.getpid()}-")
+    assert not abandoned.exists() and alive.exists() and elsewhere.exists() and other_run.exists()
