@@ -183,18 +183,22 @@ def _plan(model: str, device: str, model_dtype: str, staged: Any, layers: Any, p
         raise
 
 
-def _shard_table(index: int, samples: range, row_start: int, lengths: np.ndarray, texts: list[str]) -> pa.Table:
+def _shard_table(index: int, samples: range, row_start: int, lengths: np.ndarray,
+                 texts: list[str] | None = None) -> pa.Table:
     """One dataset row (one block) per shard: what the tokenise stage and a worker need, nothing more.
 
-    texts : the shard's prompts (samples.start..samples.stop-1)
+    texts : the shard's prompts; by default the tokenise stage reads them from the run's prompt
+        table itself, so neither the driver nor the object store holds every prompt
     """
-    return pa.table({
+    columns = {
         "shard": pa.array([index], pa.int64()), "start": pa.array([samples.start], pa.int64()),
         "stop": pa.array([samples.stop], pa.int64()), "row_start": pa.array([row_start], pa.int64()),
         "sample_id": pa.array([np.arange(samples.start, samples.stop, dtype=np.int64)], pa.list_(pa.int64())),
         "lengths": pa.array([lengths[samples.start : samples.stop]], pa.list_(pa.int64())),
-        "text": pa.array([texts], pa.list_(pa.string())),
-    })
+    }
+    if texts is not None:
+        columns["text"] = pa.array([texts], pa.list_(pa.string()))
+    return pa.table(columns)
 
 
 def _pipeline(out: Path, plan: Any, prompts_path: Path, shards: list[range], todo: list[int], per_token: bool, device: str,
@@ -211,17 +215,14 @@ def _pipeline(out: Path, plan: Any, prompts_path: Path, shards: list[range], tod
                       config_hash=plan.config_hash, shapes=dict(plan.shapes), kinds=dict(plan.kinds), pooling=pooling,
                       dtype=dtype, batch_size=batch_size, max_length=plan.max_length, pattern_width=plan.pattern_width,
                       threads=max(1, int(cpus)))
-    from neuronmap.prompt_table import read_texts
-
-    # Each shard's texts are read from the run's prompt table and put in the object store on their
-    # own, so the driver holds one shard's texts at a time.
-    tables = [ray.put(_shard_table(i, shards[i], plan.first_row(shards[i].start, per_token), plan.lengths,
-                                   read_texts(prompts_path, shards[i].start, shards[i].stop)))
-              for i in todo]
+    # Shards travel without their texts: the tokenise stage reads each shard's rows of the run's
+    # prompt table (which every node sees, as it sees the run), so no process holds every prompt.
+    tables = [_shard_table(i, shards[i], plan.first_row(shards[i].start, per_token), plan.lengths) for i in todo]
     with options.data_context():
-        ds = ray.data.from_arrow_refs(tables)  # one block per shard: shards spread over the workers
+        ds = ray.data.from_arrow(tables)  # one block per shard: shards spread over the workers
         ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, n_shards=len(tables),
-                                  source=plan.source, max_length=plan.max_length)
+                                  source=plan.source, max_length=plan.max_length,
+                                  prompts=str(Path(prompts_path).resolve()))
         ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()

@@ -101,8 +101,12 @@ def _tokenizer(source: str) -> Any:
     return _TOKENIZERS[source]
 
 
-def tokenize_shards(table: pa.Table, source: str, max_length: int) -> pa.Table:
-    """Tokenise stage: each row's `text` list -> `ids` (concatenated token ids, int32), same truncation."""
+def tokenize_shards(table: pa.Table, source: str, max_length: int, prompts: str | None = None) -> pa.Table:
+    """Tokenise stage: each row's texts -> `ids` (concatenated token ids, int32), same truncation.
+
+    The texts are the row's `text` list, or else rows `start..stop-1` of the prompt table at
+    `prompts` (the run's prompts.parquet, which every node sees at the same path as the run).
+    """
     from neuronmap.errors import ConfigError
     from neuronmap.extraction import tokenize_prompts
 
@@ -110,16 +114,29 @@ def tokenize_shards(table: pa.Table, source: str, max_length: int) -> pa.Table:
         _quiet_transformers()
         tokenizer = _tokenizer(source)
         ids = []
-        for shard, texts, planned in zip(table.column("shard").to_pylist(), table.column("text").to_pylist(),
-                                         table.column("lengths").to_pylist()):
+        for row in range(table.num_rows):
+            shard, planned = table.column("shard")[row].as_py(), table.column("lengths")[row].as_py()
+            texts = table.column("text")[row].as_py() if "text" in table.column_names else \
+                _shard_texts(prompts, table.column("start")[row].as_py(), table.column("stop")[row].as_py())
             tokens = tokenize_prompts(tokenizer, texts, max_length)
             if tokens.lengths.tolist() != planned:
                 raise ConfigError(f"shard {shard} tokenises differently on this node than on the planner; "
                                   "give every node the same tokenizer (and transformers version)")
             ids.append(np.concatenate([np.asarray(seq, dtype=np.int32) for seq in tokens.ids]))
-        return table.drop_columns(["text"]).append_column("ids", pa.array(ids, type=pa.list_(pa.int32())))
+        kept = table.drop_columns(["text"]) if "text" in table.column_names else table
+        return kept.append_column("ids", pa.array(ids, type=pa.list_(pa.int32())))
     except Exception as error:
         raise WorkerError.wrap(error, doing="could not tokenise") from None
+
+
+def _shard_texts(prompts: str | None, start: int, stop: int) -> list[str]:
+    from neuronmap.errors import ConfigError
+    from neuronmap.prompt_table import read_texts
+
+    if prompts is None or not os.path.isfile(prompts):
+        raise ConfigError(f"the run's prompt table {prompts} is not visible on this node: --out must be a folder "
+                          "every Ray node shares at the same path")
+    return read_texts(prompts, start, stop)
 
 
 # `node` (Ray node id), `cpu_s` (process CPU seconds of the shard) and `peak_rss` (bytes) say where

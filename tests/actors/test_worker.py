@@ -82,3 +82,20 @@ def test_unloadable_model_raises_a_typed_picklable_worker_error(tmp_path):
     assert type(error) is WorkerUserError and isinstance(error, WorkerError)
     assert isinstance(error.cause, UnknownModelError) and str(broken) in str(error.cause)
     assert error.worker and "\n" not in str(error)
+
+
+def test_tokenise_stage_reads_a_shards_texts_from_the_prompt_table(gpt2_dir, tmp_path):
+    frame = load_prompts(PROMPTS)
+    plan, _, _ = plan_run(load_model(gpt2_dir, device="cpu"), frame["text"].tolist(), "blocks.0", "mean", "float32",
+                          512, 4)
+    frame.to_parquet(tmp_path / "prompts.parquet", index=False, row_group_size=3)
+    texts = frame["text"].tolist()
+    for index, samples in enumerate(plan.shards()):
+        with_texts = tokenize_shards(_shard_table(index, samples, samples.start, plan.lengths,
+                                                  texts[samples.start : samples.stop]), plan.source, plan.max_length)
+        from_table = tokenize_shards(_shard_table(index, samples, samples.start, plan.lengths), plan.source,
+                                     plan.max_length, prompts=str(tmp_path / "prompts.parquet"))
+        assert from_table.equals(with_texts)
+    with pytest.raises(WorkerUserError, match="not visible on this node"):
+        tokenize_shards(_shard_table(0, plan.shards()[0], 0, plan.lengths), plan.source, plan.max_length,
+                        prompts=str(tmp_path / "missing.parquet"))
