@@ -349,8 +349,12 @@ def _from_parquet(path: Path, text_column: str | None, limit: int | None,
         pf = pq.ParquetFile(path)
         if pf.metadata.num_rows == 0:
             raise PromptFileError(f"{where} is empty (0 rows): write at least one prompt row")
+        named_range = _named_range_index(pf)
         for table in _parquet_tables(pf, limit, chunk_rows):
             df = table.to_pandas()
+            if named_range is not None and (chunk_rows, limit) != (None, None):  # metadata only: rebuild this part
+                name, first, step = named_range
+                df.index = pd.RangeIndex(first + step * start, first + step * (start + len(df)), step, name=name)
             # A named index saved by pandas is data (e.g. an id column): keep it; an unnamed one is not.
             df = df.reset_index(drop=all(name is None for name in df.index.names))
             if col is None:
@@ -360,6 +364,24 @@ def _from_parquet(path: Path, text_column: str | None, limit: int | None,
     except (pa.ArrowException, OSError) as e:
         msg = " ".join(str(e).split())
         raise PromptFileError(f"{where} is not a readable Parquet file ({msg}): re-export it, e.g. with pandas.DataFrame.to_parquet") from None
+
+
+def _named_range_index(pf: Any) -> tuple[str, int, int] | None:
+    """(name, start, step) of a named RangeIndex that pandas saved as metadata only, not as a column.
+
+    A whole-file read rebuilds it from the metadata; a batch read cannot, so chunks rebuild their part.
+    """
+    metadata = (pf.schema_arrow.metadata or {}).get(b"pandas")
+    if not metadata:
+        return None
+    try:
+        indexes = json.loads(metadata).get("index_columns", [])
+    except (ValueError, AttributeError):
+        return None
+    if len(indexes) == 1 and isinstance(indexes[0], dict) and indexes[0].get("kind") == "range" \
+            and indexes[0].get("name") is not None:
+        return str(indexes[0]["name"]), int(indexes[0]["start"]), int(indexes[0]["step"])
+    return None
 
 
 def _parquet_tables(pf: Any, limit: int | None, chunk_rows: int | None) -> Iterator[Any]:

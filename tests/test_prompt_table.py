@@ -165,3 +165,30 @@ def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_run(tm
     with staging_folder(out) as folder:
         assert folder.name.startswith(f".r1.staging-{_host()}-{os.getpid()}-")
     assert not abandoned.exists() and alive.exists() and elsewhere.exists() and other_run.exists()
+
+
+def test_csv_texts_that_look_like_numbers_or_missing_stay_verbatim_in_any_chunk(tmp_path):
+    texts = [f"prompt {i}" for i in range(9)] + ["NA", "42", "line one\nline two", "null", "7.5"]
+    frame = pd.DataFrame({"text": texts, "y": range(len(texts))})
+    frame.to_csv(tmp_path / "tricky.csv", index=False)
+    whole = load_prompts(tmp_path / "tricky.csv")
+    assert whole["text"].tolist() == texts
+    for chunk_rows in (2, 4, 10):
+        chunks = list(iter_prompts(tmp_path / "tricky.csv", chunk_rows=chunk_rows))
+        pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), whole)
+
+
+@pytest.mark.parametrize("index", [pd.RangeIndex(100, 120), pd.RangeIndex(200, 220, name="doc_id"),
+                                   pd.RangeIndex(0, 40, 2, name="even"), pd.Index([5, 1] * 10, name="k")])
+def test_a_parquet_index_is_kept_the_same_in_chunks_and_under_a_limit(tmp_path, index):
+    # pandas saves a RangeIndex as metadata only: a batch read must rebuild a named one for its rows
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "y": range(20)}, index=index)
+    frame.to_parquet(tmp_path / "p.parquet")
+    whole = load_prompts(tmp_path / "p.parquet")
+    assert ("doc_id" in whole.columns) == (index.name == "doc_id")
+    if index.name is not None:
+        assert whole[index.name].tolist() == list(index)
+    for chunk_rows in (7, 64):
+        pd.testing.assert_frame_equal(pd.concat(iter_prompts(tmp_path / "p.parquet", chunk_rows=chunk_rows),
+                                                ignore_index=True), whole)
+    pd.testing.assert_frame_equal(load_prompts(tmp_path / "p.parquet", limit=10), whole.iloc[:10])
