@@ -32,7 +32,7 @@ from neuronmap.errors import ConfigError, StorageError
 
 from . import options
 from .cluster import check_resources, ray_session
-from .errors import find_worker_error
+from .errors import failure_recorded, find_worker_error
 
 
 def run_ray_extraction(
@@ -133,7 +133,7 @@ def run_ray_extraction(
             manifest = new_manifest(plan, prompts, staged.source_hash, pooling, dtype, format, compression, batch_size)
             writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)
             writer.adopt_prompts(staged.path)
-            try:
+            with failure_recorded(writer):  # the run stays resumable; the worker's error comes out typed
                 per_token = pooling == "none"
                 shards = plan.shards()
                 todo = [i for i in range(len(shards)) if not all(writer.committed(name, i) for name in plan.layers)]
@@ -148,15 +148,6 @@ def run_ray_extraction(
                             on_shard(record)
                 _merge(writer, records, out)
                 writer.complete()
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # the run stays resumable; mark why it stopped
-                worker_error = find_worker_error(error)
-                with contextlib.suppress(Exception):
-                    writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
-                if worker_error is not None:
-                    raise worker_error from None
-                raise
     return open_run(out)
 
 

@@ -9,9 +9,11 @@ happened (`host:pid`). Ray wraps exceptions on the way back (RayTaskError, actor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
+from typing import Any, Iterator
 
 from neuronmap.errors import NeuronMapError
 
@@ -80,3 +82,20 @@ def find_worker_error(error: BaseException | None) -> WorkerError | None:
         nested += [arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)]
         todo.extend(e for e in nested if isinstance(e, BaseException))
     return None
+
+
+@contextlib.contextmanager
+def failure_recorded(writer: Any) -> Iterator[None]:
+    """Around a distributed run's writing: an error marks the run failed (it stays resumable) and is
+    re-raised as the worker's own typed error when one caused it, so the CLI prints one clear line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:
+        worker_error = find_worker_error(error)
+        with contextlib.suppress(Exception):
+            writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
+        if worker_error is not None:
+            raise worker_error from None
+        raise

@@ -22,7 +22,6 @@ re-running the same command resumes from the committed shards.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +31,7 @@ from neuronmap.errors import ConfigError
 
 from . import options as ray_options
 from .cluster import ray_session
-from .errors import find_worker_error
+from .errors import failure_recorded
 
 
 def run_pipeline_run(
@@ -141,7 +140,7 @@ def _write(extractor: Any, run_plan: Any, tokens: Any, prompts_path: Path, manif
     index_of = {samples.start: index for index, samples in enumerate(shards)}
     todo = [samples for index, samples in enumerate(shards)
             if not all(writer.committed(name, index) for name in run_plan.layers)]
-    try:
+    with failure_recorded(writer):  # the run stays resumable; the worker's error comes out typed
         with progress_bar(progress, run_plan.n_samples, description) as bar:
             bar.advance(0, run_plan.n_samples - sum(len(samples) for samples in todo))  # resumed shards
             for samples, arrays in extractor.iter_shards(run_plan, tokens, todo, batch_size,
@@ -155,15 +154,6 @@ def _write(extractor: Any, run_plan: Any, tokens: Any, prompts_path: Path, manif
                     on_shard({"shard": index, "samples": len(samples), "paths": [r.path for r in records],
                               "sha256": [r.sha256 for r in records]})
         writer.complete()
-    except KeyboardInterrupt:
-        raise
-    except Exception as error:  # the run stays resumable; mark why it stopped
-        worker_error = find_worker_error(error)
-        with contextlib.suppress(Exception):
-            writer.fail(str(worker_error or f"{type(error).__name__}: {error}"))
-        if worker_error is not None:
-            raise worker_error from None
-        raise
 
 
 def _stage_device(device: str, gpus: float) -> bool:
