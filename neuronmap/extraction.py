@@ -211,7 +211,7 @@ def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_lengt
             lengths_parts.append(sizes)
             packed = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum()))
             if sink is not None:
-                packed.tofile(sink)
+                sink.write(packed.data)  # not tofile: its error on a full disk carries no errno
             else:
                 flat.append(packed)
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int64)
@@ -412,8 +412,13 @@ def plan_run(
         max_length = int(limit)
     if hasattr(texts, "text_batches"):  # a stored table: ids spill beside it; other batch sources keep them
         path = getattr(texts, "path", None)
-        tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length,
-                                  spill=Path(path).parent / "token-ids.int32" if path is not None else None)
+        spill = Path(path).parent / "token-ids.int32" if path is not None else None
+        try:
+            tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length, spill=spill)
+        except OSError as error:  # a full disk while spilling: one line, as for shards
+            from .store.manifest import storage_error
+
+            raise storage_error(error, spill) from None
     else:
         tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
     plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)

@@ -192,3 +192,39 @@ def test_a_parquet_index_is_kept_the_same_in_chunks_and_under_a_limit(tmp_path, 
         pd.testing.assert_frame_equal(pd.concat(iter_prompts(tmp_path / "p.parquet", chunk_rows=chunk_rows),
                                                 ignore_index=True), whole)
     pd.testing.assert_frame_equal(load_prompts(tmp_path / "p.parquet", limit=10), whole.iloc[:10])
+
+
+def test_a_full_disk_while_staging_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, tiny_model_dir):
+    import errno
+    import os
+
+    import neuronmap
+    from neuronmap import prompt_table
+    from neuronmap.errors import StorageError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prompt_table.pq, "write_table", full)
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(StorageError, match="disk full while writing .*prompts.parquet: free space and re-run"):
+        neuronmap.extract(str(tiny_model_dir("gpt2")), ["one prompt", "another"], layers="blocks.0", out=out)
+    assert list((tmp_path / "runs").iterdir()) == []  # no run folder, no staging folder
+
+
+def test_a_full_disk_while_spilling_token_ids_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, tiny_model_dir):
+    import builtins
+
+    import neuronmap
+    from neuronmap import extraction
+    from neuronmap.errors import StorageError
+
+    def to_dev_full(path, mode="r", *args, **kwargs):  # the spill file lands on a device that is always full
+        target = "/dev/full" if str(path).endswith("token-ids.int32") else path
+        return builtins.open(target, mode, *args, **kwargs)
+
+    monkeypatch.setattr(extraction, "open", to_dev_full, raising=False)
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(StorageError, match="disk full while writing .*token-ids.int32"):
+        neuronmap.extract(str(tiny_model_dir("gpt2")), ["one prompt", "another"] * 2000, layers="blocks.0", out=out)
+    assert list((tmp_path / "runs").iterdir()) == []
