@@ -13,6 +13,8 @@
 #      a raw write (#2's >= 0.8 target on a GPU).
 #   3. gpu_extraction.py llama: a Llama-shaped ~1B model, mean-pooled blocks.*, tokens/s against a
 #      bare forward (#3's prepared GPU check).
+#   4. d2h_copy.py: a 128 MB shard copied to the host as extraction does (`.cpu()`) against reused
+#      pageable and pinned buffers: whether pinned shard buffers are worth building.
 # Each step writes its own JSON, so a step that fails or runs out of time loses only itself.
 # GPU_SESSION_QUICK=1 runs the same steps small on the CPU (a smoke run of this script).
 set -uo pipefail
@@ -33,9 +35,11 @@ LOG="$OUT/log.txt"
 if [ "${GPU_SESSION_QUICK:-0}" = 1 ]; then
     store_args=(--layers 2 --rows 2000 --shards 2 --repeats 3)
     gpu_args=(--device cpu --quick)
+    d2h_args=(--device cpu --mb 16)
 else
     store_args=(--layers 12 --rows 100000 --shards 4)
     gpu_args=()
+    d2h_args=()
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 fi
 
@@ -54,4 +58,5 @@ step per_token "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip llama 
     --workdir /tmp/gpu-session-extract --out "$OUT/per_token.json"
 step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token agreement \
     --workdir /tmp/gpu-session-extract --out "$OUT/llama.json"
+step d2h "$PY" benchmarks/d2h_copy.py "${d2h_args[@]}" --out "$OUT/d2h.json"
 rm -rf /tmp/gpu-session-store /tmp/gpu-session-extract
