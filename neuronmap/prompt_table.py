@@ -71,8 +71,10 @@ def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside the run folder `out`, deleted on exit.
 
     Its name carries this host and process id (`.<run>.staging-<host>-<pid>-XXXX`), so the folder of
-    a process killed outright (SIGKILL, OOM) is recognised and removed by the next extraction to the
-    same run on the same host; a live process's folder, or another host's, is left alone.
+    a process killed outright (SIGKILL, OOM) is recognised and removed by the next extraction into the
+    same parent folder on the same host, whatever run it was for (a run without `--out` is named after
+    the time it planned, so its staging folder's run name is never asked for again). A live process's
+    folder, or another host's, is left alone.
     """
     from .store.manifest import storage_error
 
@@ -98,11 +100,11 @@ def _host() -> str:
 
 
 def _remove_abandoned(out: Path, host: str) -> None:
-    """Delete staging folders of `out` left by dead processes of this host."""
-    prefix = f".{out.name}{STAGING_MARK}{host}-"
-    for folder in out.parent.glob(f"{glob_escape(prefix)}*"):
-        pid = folder.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    """Delete the staging folders beside `out` that dead processes of this host left."""
+    mark = f"{STAGING_MARK}{host}-"
+    for folder in out.parent.glob(f".*{glob_escape(mark)}*"):
+        pid = folder.name.rpartition(mark)[2].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -142,7 +142,7 @@ def test_a_table_hashes_the_same_in_memory_and_once_stored(tmp_path):
     assert prompt_source_hash(load_prompts(changed)) != staged.source_hash
 
 
-def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_run(tmp_path):
+def test_staging_folders_left_by_killed_processes_are_removed_by_the_next_run_beside_them(tmp_path):
     import os
     import signal
     import subprocess
@@ -158,13 +158,16 @@ def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_run(tm
     abandoned = out.parent / f".r1.staging-{_host()}-{dead.pid}-abcd"
     alive = out.parent / f".r1.staging-{_host()}-{os.getpid()}-efgh"  # a live process's: kept
     elsewhere = out.parent / f".r1.staging-otherhost-{dead.pid}-ijkl"  # another host's: kept
-    other_run = out.parent / f".r2.staging-{_host()}-{dead.pid}-mnop"  # another run's: kept
-    for folder in (abandoned, alive, elsewhere, other_run):
+    # a run planned without --out (named by its start time), killed: removed by any later run here
+    other_run = out.parent / f".gpt2-20261127-103600.staging-{_host()}-{dead.pid}-mnop"
+    not_staging = out.parent / f".r1.notes-{_host()}-{dead.pid}-qrst"  # not a staging folder: kept
+    for folder in (abandoned, alive, elsewhere, other_run, not_staging):
         folder.mkdir()
         (folder / "prompts.parquet").write_bytes(b"x")
     with staging_folder(out) as folder:
         assert folder.name.startswith(f".r1.staging-{_host()}-{os.getpid()}-")
-    assert not abandoned.exists() and alive.exists() and elsewhere.exists() and other_run.exists()
+    assert not abandoned.exists() and not other_run.exists()
+    assert alive.exists() and elsewhere.exists() and not_staging.exists()
 
 
 def test_csv_texts_that_look_like_numbers_or_missing_stay_verbatim_in_any_chunk(tmp_path):
