@@ -37,6 +37,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"neuronmap {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Extract, store and analyse activations of transformer models."""
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -315,21 +329,35 @@ def _load_plugins() -> None:
 _load_plugins()
 
 
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from the copy of click that newer typer releases vendor (`typer._click`),
+    which raise their own classes: catching only click's let typer's usage errors through as internal."""
+    import importlib
+
+    classes = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(found, type) and found not in classes:
+            classes.append(found)
+    return tuple(classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    import click
-
     try:
         result = app(args=argv, standalone_mode=False)
     except NeuronMapError as error:
         err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as done:
+    except _click_exceptions("Exit") as done:
         return done.exit_code
-    except click.ClickException as error:
+    except _click_exceptions("ClickException") as error:  # usage: unknown command, missing or bad option
         error.show()
         return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_click_exceptions("Abort"), KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]: re-run the same command to resume")
         return 130
     except Exception as error:  # internal error: one line unless debugging

@@ -120,6 +120,30 @@ def test_bad_input_is_one_line_exit_2_and_no_damage(case, capsys, gpt2_dir, prom
         assert not (out / "activations").exists() or not any((out / "activations").rglob("part-*"))
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["extrct"], ["no such command", "extract"]),
+    (["extract"], ["missing option", "--model"]),
+    (["extract", "-m", "gpt2", "-p", "p.txt", "-o", "r", "--batch-size", "abc"], ["--batch-size", "integer"]),
+    (["runs", "show"], ["missing argument"]),
+    (["--bogus"], ["no such option", "--bogus"]),
+])
+def test_usage_mistakes_exit_2_with_the_parser_message_not_an_internal_error(argv, words, capsys):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert "internal error" not in err and "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, err
+    for word in words:
+        assert word.lower() in error_lines[0].lower(), (word, err)
+
+
+def test_version(capsys):
+    from neuronmap import __version__
+
+    code, stdout, _ = run_cli(capsys, "--version")
+    assert code == 0 and stdout.strip() == f"neuronmap {__version__}"
+
+
 def test_models_commands(capsys, gpt2_dir, tmp_path):
     code, stdout, _ = run_cli(capsys, "models", "list", "--json")
     names = {entry["name"] for entry in json.loads(stdout)}
