@@ -190,10 +190,10 @@ def _describe_model(model: Any) -> tuple[str, str, Any, str, Any]:
     engine's, so the same resolution functions are used.
     """
     from neuronmap.models import LoadedModel
-    from neuronmap.models.loading import _load_config, _load_tokenizer, _resolve, config_hash
+    from neuronmap.models.loading import _load_config, _load_tokenizer, config_hash, resolve_source
 
     if isinstance(model, LoadedModel):  # the stages load their own slices from the same source
         return str(model.name), str(model.source), model.model.config, model.config_hash, model.tokenizer
-    name, source, entry = _resolve(str(model))
-    config = _load_config(name, source, entry)
-    return name, source, config, config_hash(config), _load_tokenizer(name, source)
+    name, source, entry, offline = resolve_source(model)
+    config = _load_config(name, source, entry, offline)
+    return name, source, config, config_hash(config), _load_tokenizer(name, source, bool(offline))

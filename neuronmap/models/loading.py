@@ -79,8 +79,8 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
     if dtype not in ("auto", *DTYPES):
         raise ConfigError(f"dtype {dtype!r} is not supported: use auto, float32, float16 or bfloat16")
     target = _device(device)
-    name, source, entry = _resolve(str(name_or_path))
-    config = _load_config(name, source, entry)
+    name, source, entry, offline = resolve_source(name_or_path)
+    config = _load_config(name, source, entry, offline)
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
@@ -93,7 +93,7 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
         torch_dtype: Any = "auto" if target.type == "cuda" else torch.float32
     else:
         torch_dtype = DTYPES[dtype]
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True, "local_files_only": bool(offline)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_load_report():
@@ -103,7 +103,7 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
         warnings.warn(f"{name}: {len(missing)} weights are not in the checkpoint and were initialised at random "
                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=2)
     model.to(target).eval()
-    tokenizer = _load_tokenizer(name, source)
+    tokenizer = _load_tokenizer(name, source, bool(offline))
     param = next(model.parameters())
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
                        family=getattr(config, "model_type", "") or (entry.family if entry else ""),
@@ -152,6 +152,14 @@ def _device(device: str) -> torch.device:
     return target
 
 
+def resolve_source(name_or_path: str | Path) -> tuple[str, str, ModelEntry | None, str | None]:
+    """(display name, source for from_pretrained, registry entry or None, why the hub is unreachable or
+    None). With the hub out of reach a hub id loads from the local cache only (`local_files_only`): one
+    clear error at once, instead of half a minute of retries and a dozen connection warnings."""
+    name, source, entry = _resolve(str(name_or_path))
+    return name, source, entry, None if Path(source).is_dir() else hub_unreachable()
+
+
 def _resolve(name_or_path: str) -> tuple[str, str, ModelEntry | None]:
     """(display name, source for from_pretrained, registry entry or None)."""
     path = Path(name_or_path).expanduser()
@@ -179,30 +187,59 @@ def _package_folder(package: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def _load_config(name: str, source: str, entry: ModelEntry | None):
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when it may be.
+
+    `HF_HUB_OFFLINE` set is a reason; otherwise one TCP connection to the hub endpoint (3 s at most)
+    decides. With a proxy configured the hub is assumed reachable: only the proxy knows.
+    """
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                             "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        return f"no connection to {host}:{port}: {error}"
+    return None
+
+
+def _load_config(name: str, source: str, entry: ModelEntry | None, offline: str | None = None):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, local_files_only=bool(offline))
     except (OSError, ValueError, KeyError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if entry is not None:
+            why = f"the hub is unreachable: {offline}" if offline else reason
             raise UnknownModelError(
                 f"model {name!r} (hub id {entry.hub_id}) is neither in the local Hugging Face cache nor reachable on "
-                f"the hub ({reason}); download it once with network access or pass a local folder") from exc
+                f"the hub ({why}); download it once with network access or pass a local folder") from exc
         if Path(source).is_dir():
             raise UnknownModelError(f"cannot read the model config in {source!r}: {reason}") from exc
         close = suggest(name)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UnknownModelError(f"unknown model {name!r}: not a local folder, a registry name or a reachable hub id; "
-                                f"{hint}See `neuronmap models list`") from exc
+        where = f"a cached hub id (the hub is unreachable: {offline})" if offline else "a reachable hub id"
+        raise UnknownModelError(f"unknown model {name!r}: not a local folder, a registry name or {where}; "
+                                f"{hint}see `neuronmap models list`") from exc
 
 
-def _load_tokenizer(name: str, source: str):
+def _load_tokenizer(name: str, source: str, local_only: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"model {name!r} has no loadable tokenizer in {source!r}: save one next to the weights "
                           "with tokenizer.save_pretrained(folder)") from exc

@@ -38,10 +38,10 @@ def load_tokenizer(tokenizer: Any) -> Any:
     """A Hugging Face tokenizer: passed through, or loaded from a model folder / registry name / hub id."""
     if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    from neuronmap.models.loading import _load_tokenizer, _resolve
+    from neuronmap.models.loading import _load_tokenizer, resolve_source
 
-    name, source, _entry = _resolve(str(tokenizer))
-    return _load_tokenizer(name, source)
+    name, source, _entry, offline = resolve_source(tokenizer)
+    return _load_tokenizer(name, source, bool(offline))
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -16,7 +16,9 @@ def test_unknown_name_raises_one_line_with_suggestions():
     with pytest.raises(UnknownModelError) as info:
         load_model("gtp2", device="cpu")
     message = str(info.value)
-    assert message.startswith("unknown model 'gtp2': not a local folder, a registry name or a reachable hub id")
+    # the tests run with HF_HUB_OFFLINE=1: the hub is out of reach and says why
+    assert message.startswith("unknown model 'gtp2': not a local folder, a registry name or a cached hub id "
+                              "(the hub is unreachable: HF_HUB_OFFLINE is set)")
     assert "did you mean gpt2" in message
     assert "neuronmap models list" in message
     assert "\n" not in message
@@ -25,6 +27,65 @@ def test_unknown_name_raises_one_line_with_suggestions():
 def test_unknown_hub_id_offline_raises_unknown_model():
     with pytest.raises(UnknownModelError, match="unknown model 'someone/no-such-model'"):
         load_model("someone/no-such-model", device="cpu")
+
+
+@pytest.fixture()
+def hub_online(monkeypatch):
+    """The hub treated as online (HF_HUB_OFFLINE off, no proxy): point `ENDPOINT` where you want it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return constants
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again when the block ends: connections are refused
+
+
+def test_hub_unreachable_says_why(hub_online, monkeypatch):
+    import socket
+
+    from neuronmap.models.loading import hub_unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(hub_online, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_unreachable() is None
+    port = _closed_port()
+    monkeypatch.setattr(hub_online, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert hub_unreachable().startswith(f"no connection to 127.0.0.1:{port}")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # only the proxy could tell
+    assert hub_unreachable() is None
+    monkeypatch.setattr(hub_online, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+
+
+def test_with_the_hub_unreachable_a_hub_id_is_looked_up_in_the_cache_only(hub_online, monkeypatch):
+    """No network: transformers is asked for the local cache only, so the error comes at once (not after
+    its retries) and names the cause."""
+    import transformers
+
+    asked = []
+    real = transformers.AutoConfig.from_pretrained
+
+    def spy(source, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    monkeypatch.setattr(hub_online, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(UnknownModelError) as info:
+        load_model("gtp2", device="cpu")
+    assert asked == [True]
+    assert "the hub is unreachable: no connection to 127.0.0.1" in str(info.value)
+    assert "did you mean gpt2" in str(info.value)
 
 
 def test_registry_model_not_in_cache_names_the_hub_id(monkeypatch):
