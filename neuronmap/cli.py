@@ -231,15 +231,18 @@ def runs_verify(run: Path = typer.Argument(..., help="Run directory."),
                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Recheck every shard's sha256 and that the shards cover every row exactly once."""
     from .store import verify_run
+    from .store.manifest import MANIFEST_NAME, load_manifest
 
+    if not (run / MANIFEST_NAME).is_file():  # not a run at all: a usage mistake (exit 2), not a failed check
+        load_manifest(run)
     report = verify_run(run)
     if as_json:
         _print_json({"ok": report.ok, "problems": report.problems})
     elif report.ok:
         console.print(f"[green]ok[/]: {run} verified")
     else:
-        for problem in report.problems:
-            err_console.print(f"[red]{problem}[/]")
+        for problem in report.problems:  # one line each, also when stderr is not a terminal
+            err_console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(3)
 
@@ -250,17 +253,25 @@ def runs_export(
     to: str = typer.Option(..., "--to", help="csv | hdf5 | parquet."),
     out: Path = typer.Option(..., "--out", "-o", help="CSV file (csv) or new run directory (hdf5/parquet)."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers for CSV (default: all)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing CSV file or complete run at --out."),
 ) -> None:
-    """Export a run to CSV, or convert it between HDF5 and Parquet."""
+    """Export a run to CSV, or convert it between HDF5 and Parquet (shards checked against their sha256)."""
     from .errors import ConfigError
     from .store import convert_run, export_csv, open_run
 
     source = open_run(run)
+    chosen = None
+    if layers is not None:
+        chosen = [name.strip() for name in layers.split(",")]
+        if not all(chosen):
+            raise ConfigError(f"--layers {layers!r} has an empty name; give comma-separated layer names such as "
+                              f"{','.join(source.layers[:2])}")
     if to == "csv":
-        chosen = layers.split(",") if layers else None
-        path = export_csv(source, out, layers=chosen)
+        path = export_csv(source, out, layers=chosen, overwrite=overwrite)
     elif to in ("hdf5", "parquet"):
-        path = convert_run(source, out, format=to)
+        if chosen is not None:
+            raise ConfigError("--layers applies to --to csv only: a conversion copies every layer")
+        path = convert_run(source, out, format=to, overwrite=overwrite)
     else:
         raise ConfigError(f"--to {to!r} is not supported; use csv, hdf5 or parquet")
     console.print(f"exported {run} to [bold]{path}[/]")

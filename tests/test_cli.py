@@ -72,6 +72,16 @@ def test_verify_reports_corruption_with_exit_3(capsys, gpt2_dir, prompts, tmp_pa
     shard.write_bytes(bytes(data))
     code, _, err = run_cli(capsys, "runs", "verify", out)
     assert code == 3 and "sha256" in err.lower()
+    assert_one_line_error(err, "corrupt")  # one problem, one line, however narrow the terminal
+
+
+def test_verify_of_something_that_is_not_a_run_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path, words in [(tmp_path / "nothing", ["does not exist"]), (tmp_path / "file", ["is a file"]),
+                        (tmp_path, ["manifest.json", "not a neuronmap run"])]:
+        code, _, err = run_cli(capsys, "runs", "verify", path)
+        assert code == 2, err
+        assert_one_line_error(err, "error:", *words)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunExistsError
 from .manifest import FORMATS, TMP_MARKER, fsync_dir, storage_error
 from .reader import Run, open_run
 from .shards import HDF5_COMPRESSIONS, PARQUET_COMPRESSIONS, ShardReader
@@ -28,18 +28,24 @@ CHARS_PER_VALUE = {"float16": 11, "float32": 15, "float64": 23}  # digits, sign,
 
 
 def export_csv(run: Run | str | os.PathLike, out: str | os.PathLike, layers: Sequence[str] | str | None = None,
-               float_format: str | None = None, batch_size: int = 4096) -> Path:
+               float_format: str | None = None, batch_size: int = 4096, overwrite: bool = False) -> Path:
     """Write `layers` of `run` as one CSV: one line per sample (or token), never the whole layer in memory.
 
     Columns: `sample_id`, `token_index` (per-token runs), then `<layer>.<i>` for each value of each
     layer, `i` the flat (C-order) index into the layer's feature shape. Warns (warnings + logging)
     when the file will exceed 100 MB. All layers must have the same rows (all per-sample or all
-    per-token). Returns the path written.
+    per-token). An existing file at `out` is replaced only with `overwrite=True`. Every shard read is
+    checked against its sha256 first. Returns the path written.
     """
     run = open_run(run, require_complete=True)
     chosen = run.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     if not chosen:
         raise ConfigError(f"no layers to export; the run holds: {', '.join(run.layers)}")
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give the CSV file to write (e.g. {out / 'activations.csv'})")
+    if out.exists() and not overwrite:
+        raise RunExistsError(f"{out} already exists; pass --overwrite to replace it or choose another file")
     infos = [run.layer_info(layer) for layer in chosen]
     per_token = {info.per_token for info in infos}
     n_rows = {run.n_rows(layer) for layer in chosen}
@@ -57,8 +63,8 @@ def export_csv(run: Run | str | os.PathLike, out: str | os.PathLike, layers: Seq
                    "Parquet or HDF5 (convert_run) is smaller and faster to read")
         warnings.warn(message, stacklevel=2)
         log.warning(message)
+    run.check_intact(chosen)
 
-    out = Path(out)
     tmp = out.with_name(f"{out.name}{TMP_MARKER}{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -71,7 +77,7 @@ def export_csv(run: Run | str | os.PathLike, out: str | os.PathLike, layers: Seq
         os.replace(tmp, out)
     except OSError as error:
         _remove(tmp)
-        raise storage_error(error, out) from None
+        raise storage_error(error, out, resumable=False) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -101,14 +107,16 @@ def convert_run(run: Run | str | os.PathLike, out: str | os.PathLike, format: st
 
     Arrays, sample ids, token indices, prompts and shard boundaries are identical; files and their
     sha256 are new. Compression defaults to the source's when `format` supports it, else none.
-    An interrupted conversion resumes like an extraction. Returns `out`.
+    An interrupted conversion resumes like an extraction. The source's shards are checked against
+    their sha256 first: damage is reported, never copied with a fresh checksum. Returns `out`.
     """
     source = open_run(run, require_complete=True)
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not supported; use one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.resolve() == source.path.resolve():
-        raise ConfigError(f"convert_run needs a new output folder; {out} is the source run")
+        raise ConfigError(f"the output folder {out} is the source run; give a new folder")
+    source.check_intact()
     if compression is None:
         allowed = HDF5_COMPRESSIONS if format == "hdf5" else PARQUET_COMPRESSIONS
         compression = source.manifest.compression if source.manifest.compression in allowed else None

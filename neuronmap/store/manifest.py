@@ -249,7 +249,8 @@ def load_manifest(run: str | os.PathLike) -> Manifest:
     """Read and validate `<run>/manifest.json`; every failure is a one-line RunFormatError."""
     run = Path(run)
     if not run.is_dir():
-        raise RunFormatError(f"run folder {str(run)!r} does not exist; pass a folder written by `neuronmap extract`")
+        what = "is a file, not a run folder" if run.exists() else "does not exist"
+        raise RunFormatError(f"run folder {str(run)!r} {what}; pass a folder written by `neuronmap extract`")
     path = run / MANIFEST_NAME
     try:
         text = path.read_text(encoding="utf-8")
@@ -287,16 +288,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def storage_error(error: OSError, path: str | os.PathLike) -> StorageError:
-    """Turn an OSError from writing `path` into a one-line StorageError that says how to go on."""
+def storage_error(error: OSError, path: str | os.PathLike, resumable: bool = True) -> StorageError:
+    """Turn an OSError from writing `path` into a one-line StorageError that says how to go on.
+
+    `resumable` says whether re-running picks up where this left off (extraction, conversion) or
+    simply starts again (a CSV export)."""
     text = str(error)
     errno_ = getattr(error, "errno", None)
+    again = "re-run the same command to resume" if resumable else "re-run the same command"
     if errno_ in (28, 122) or "No space left" in text or "errno = 28" in text or "Disk quota" in text:
-        return StorageError(f"disk full while writing {path}: free space and re-run the same command to resume")
+        return StorageError(f"disk full while writing {path}: free space and {again}")
     if errno_ in (1, 13, 30) or "Permission denied" in text or "Read-only file system" in text:
         return StorageError(f"no permission to write {path}: choose a writable output folder (--out)")
+    blocker = next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+    if errno_ in (17, 20) and blocker is not None:
+        return StorageError(f"could not write {path}: {blocker} is a file, not a folder; choose another output path")
     reason = (getattr(error, "strerror", None) or text or type(error).__name__).replace("\n", " ")
-    return StorageError(f"could not write {path}: {reason}; fix it and re-run the same command to resume")
+    return StorageError(f"could not write {path}: {reason}; fix it and {again}")
 
 
 def write_manifest(run: Path, manifest: Manifest) -> None:

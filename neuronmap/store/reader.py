@@ -72,6 +72,14 @@ class Run:
         """Committed shards of `layer`, in row order."""
         return self.manifest.shards_of(layer)
 
+    def check_intact(self, layers: list[str] | None = None) -> None:
+        """Raise RunFormatError when a shard of `layers` (default: all) is missing, resized or fails its
+        sha256: reads that copy data out of the run (export, conversion) call this first, at the cost
+        of reading the shards once more (from the page cache, for the read that follows)."""
+        from .verify import require_intact
+
+        require_intact(self.path, [shard for layer in (layers or self.layers) for shard in self.shards(layer)])
+
     @functools.cached_property
     def prompts(self) -> pd.DataFrame:
         """prompts.parquet: `sample_id`, `text` and any label/metadata columns."""

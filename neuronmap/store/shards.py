@@ -49,8 +49,8 @@ def check_compression(format: str, compression: str | None) -> str | None:
         compression = None
     allowed = HDF5_COMPRESSIONS if format == "hdf5" else PARQUET_COMPRESSIONS
     if compression not in allowed:
-        names = ", ".join(str(c) for c in allowed)
-        raise ConfigError(f"compression={compression!r} is not supported for {format}; use one of {names}")
+        names = ", ".join(c for c in allowed if c is not None)
+        raise ConfigError(f"compression={compression!r} is not supported for {format}; use one of {names}, or none")
     return compression
 
 

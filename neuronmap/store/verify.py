@@ -82,19 +82,43 @@ def _prompt_problems(run: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def _shard_problems(run: Path, shard: ShardRecord, info: LayerInfo | None, format: str) -> list[str]:
+def shard_problem(run: Path, shard: ShardRecord) -> str | None:
+    """What is wrong with a shard's file (missing, resized, unreadable, sha256 not the manifest's), or None.
+
+    Everything that copies data out of a run or builds on it (export, conversion, resume) asks this
+    first, so a damaged shard is never passed on, or given a fresh checksum, as good data.
+    """
     path = run / shard.path
     if not path.is_file():
-        return [f"shard {shard.path} is missing"]
+        return f"shard {shard.path} is missing"
     size = path.stat().st_size
     if size != shard.bytes:
-        return [f"shard {shard.path} has {size} bytes, the manifest says {shard.bytes} (truncated or replaced)"]
+        return f"shard {shard.path} has {size} bytes, the manifest says {shard.bytes} (truncated or replaced)"
     try:
         digest = sha256_file(path)
     except OSError as error:
-        return [f"shard {shard.path} cannot be read: {error.strerror or error}"]
+        return f"shard {shard.path} cannot be read: {error.strerror or error}"
     if digest != shard.sha256:
-        return [f"shard {shard.path} has sha256 {digest[:12]}..., the manifest says {shard.sha256[:12]}... (corrupt)"]
+        return f"shard {shard.path} has sha256 {digest[:12]}..., the manifest says {shard.sha256[:12]}... (corrupt)"
+    return None
+
+
+def require_intact(run: Path, shards: list[ShardRecord]) -> None:
+    """Raise RunFormatError naming the first damaged shard of `shards` (checked on a few threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for problem in pool.map(lambda shard: shard_problem(run, shard), shards):
+            if problem is not None:
+                raise RunFormatError(f"{problem} in run {run}: `neuronmap runs verify {run}` lists every damaged "
+                                     "shard; restore them or re-extract the run")
+
+
+def _shard_problems(run: Path, shard: ShardRecord, info: LayerInfo | None, format: str) -> list[str]:
+    problem = shard_problem(run, shard)
+    if problem is not None:
+        return [problem]
+    path = run / shard.path
     if info is None:
         return []
     try:

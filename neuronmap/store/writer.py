@@ -371,16 +371,18 @@ class RunWriter:
         if differ:
             raise ConfigError(f"{self.path} holds an unfinished ({old.status}) run of a different configuration "
                               f"(differs in: {', '.join(differ)}); pass --overwrite to replace it or choose another output folder")
+        from .verify import shard_problem
+
+        # Every kept shard is rechecked against its sha256 (a few threads; cheaper than computing it
+        # again): a damaged one is dropped and extracted again, never carried into a `complete` run.
         kept = []
-        for shard in old.shards:
-            try:
-                whole = (self.path / shard.path).stat().st_size == shard.bytes
-            except OSError:
-                whole = False
-            if whole:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(lambda shard: shard_problem(self.path, shard), old.shards))
+        for shard, problem in zip(old.shards, problems):
+            if problem is None:
                 kept.append(shard)
             else:
-                log.warning("dropping shard %s from the resumed run: file missing or truncated", shard.path)
+                log.warning("resuming %s: %s; that shard is extracted again", self.path, problem)
         self.resumed = True
         log.info("resuming run %s: %d committed shards kept", self.path, len(kept))
         return new.model_copy(update=dict(shards=kept, created=old.created))

@@ -45,6 +45,33 @@ def test_failed_run_resumes_and_truncated_shard_is_not_committed(tmp_path):
     assert writer.committed("blocks.0", 0) and not writer.committed("blocks.0", 1)
 
 
+def test_a_shard_changed_in_place_is_dropped_on_resume_and_extracted_again(tmp_path, caplog):
+    """Same size, different bytes (a flipped bit): only the sha256 tells, and resume checks it."""
+    written = write_run(tmp_path / "run", complete=False, n_shards_to_write=2)
+    manifest = load_manifest(tmp_path / "run")
+    damaged = [s for s in manifest.shards if s.layer == "blocks.1.attn.pattern" and s.index == 0][0]
+    data = bytearray((tmp_path / "run" / damaged.path).read_bytes())
+    data[-1] ^= 0x01
+    (tmp_path / "run" / damaged.path).write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        writer = RunWriter(tmp_path / "run", make_manifest())
+    assert not writer.committed("blocks.1.attn.pattern", 0)
+    assert writer.committed("blocks.0", 0) and writer.committed("blocks.1.attn.pattern", 1)
+    assert "corrupt" in caplog.text and "extracted again" in caplog.text
+    for name in LAYERS:
+        for index in range(len(written.shard_rows)):
+            if not writer.committed(name, index):
+                rows = written.shard_rows[index]
+                writer.write_shard(name, index, rows=rows, samples=rows,
+                                   activations=written.arrays[name][rows[0] : rows[1]],
+                                   sample_ids=written.sample_ids[rows[0] : rows[1]])
+    writer.complete()
+    from neuronmap.store import verify_run
+
+    assert verify_run(tmp_path / "run").ok
+    np.testing.assert_array_equal(open_run(tmp_path / "run").array("blocks.1.attn.pattern"), written.arrays["blocks.1.attn.pattern"])
+
+
 def test_unfinished_run_of_other_config_is_refused(tmp_path):
     write_run(tmp_path / "run", complete=False, n_shards_to_write=1)
     other = make_manifest(layers={"blocks.0": [6]})

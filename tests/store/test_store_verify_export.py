@@ -108,5 +108,44 @@ def test_convert_hdf5_parquet_hdf5_is_exact(tmp_path, per_token):
                 np.testing.assert_array_equal(run.token_index(name), written.token_index)
             assert [s.rows for s in run.shards(name)] == [s.rows for s in original.shards(name)]
     assert {s.sha256 for s in middle.manifest.shards}.isdisjoint({s.sha256 for s in original.manifest.shards})
-    with pytest.raises(ConfigError, match="new output folder"):
+    with pytest.raises(ConfigError, match="is the source run; give a new folder"):
         convert_run(tmp_path / "h5", tmp_path / "h5", format="parquet")
+
+
+def _flip_a_byte(run, layer):
+    shard = open_run(run).shards(layer)[1]
+    data = bytearray((run / shard.path).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run / shard.path).write_bytes(bytes(data))
+    return shard.path
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_export_and_conversion_refuse_a_damaged_shard_and_write_nothing(tmp_path, fmt):
+    """Copying data out of a run checks each shard's sha256: damage is named, never passed on (a
+    conversion would otherwise give the damaged values a fresh, valid checksum)."""
+    write_run(tmp_path / "run", format=fmt)
+    damaged = _flip_a_byte(tmp_path / "run", "blocks.0")
+    with pytest.raises(RunFormatError, match=rf"{damaged}.*corrupt.*runs verify"):
+        export_csv(tmp_path / "run", tmp_path / "a.csv", layers=["blocks.0"])
+    assert not (tmp_path / "a.csv").exists()
+    export_csv(tmp_path / "run", tmp_path / "other.csv", layers=["module:transformer.h/0"])  # intact layers export
+    with pytest.raises(RunFormatError, match=rf"{damaged}.*corrupt"):
+        convert_run(tmp_path / "run", tmp_path / "copy", format="parquet" if fmt == "hdf5" else "hdf5")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_csv_export_replaces_a_file_only_when_asked(tmp_path):
+    from neuronmap.errors import RunExistsError
+
+    written = write_run(tmp_path / "run")
+    target = tmp_path / "a.csv"
+    target.write_text("my notes")
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        export_csv(tmp_path / "run", target, layers=["blocks.0"])
+    assert target.read_text() == "my notes"
+    export_csv(tmp_path / "run", target, layers=["blocks.0"], overwrite=True)
+    table = pd.read_csv(target)
+    np.testing.assert_array_equal(table.filter(like="blocks.0").to_numpy(np.float32), written.arrays["blocks.0"])
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_csv(tmp_path / "run", tmp_path, layers=["blocks.0"])
