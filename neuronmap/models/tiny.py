@@ -14,6 +14,7 @@ built-in English corpus, with the special tokens their real counterparts use (so
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ _BPE_SPECS = {
 }
 
 
+TINY_MARK = ".neuronmap-tiny.json"  # written last: marks a folder make_tiny may replace
+
+
 def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build a tiny random model of ``family`` with a working tokenizer and save it to ``out_dir``.
 
@@ -69,7 +73,8 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     family : str
         One of ``TINY_FAMILIES`` (a ``config.model_type``).
     out_dir : str or Path
-        Folder to write; created if missing, its previous content replaced.
+        Folder to write: a new or empty one, or one an earlier ``make_tiny`` wrote (replaced). Any other
+        existing folder or file is refused: this never deletes what it did not write.
     seed : int
         Seed of the weight initialisation; same seed, same weights.
 
@@ -81,9 +86,7 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     if family not in TINY_FAMILIES:
         raise ConfigError(f"no tiny model for family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _claim(out)
 
     tokenizer = _minilm_tokenizer() if family in ("bert", "distilbert") else _bpe_tokenizer(_BPE_SPECS[family])
     config = _config(family, tokenizer)
@@ -93,7 +96,24 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     _add_pooler(family, model, config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / TINY_MARK).write_text(json.dumps({"family": family, "seed": seed}) + "\n", encoding="utf-8")
     return out
+
+
+def _claim(out: Path) -> None:
+    """Make `out` an empty folder to write into, refusing anything make_tiny did not write."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a folder for the tiny model")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / TINY_MARK).is_file():
+            raise ConfigError(f"{out} is not empty and was not written by make-tiny; choose a new or empty folder")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        from neuronmap.store.manifest import storage_error
+
+        raise storage_error(error, out, resumable=False) from None
 
 
 def _add_pooler(family: str, model, config) -> None:

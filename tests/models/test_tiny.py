@@ -85,3 +85,28 @@ def test_make_tiny_is_deterministic(tmp_path):
 def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no tiny model for family 'gpt5'"):
         make_tiny("gpt5", tmp_path)
+
+
+def test_make_tiny_replaces_only_what_it_wrote(tmp_path):
+    """Re-making a tiny model replaces it; any other folder or file is refused and left as it was."""
+    first = make_tiny("gpt2", tmp_path / "tiny", seed=0)
+    (first / "stale.bin").write_bytes(b"from an older make")
+    again = make_tiny("gpt2", tmp_path / "tiny", seed=1)
+    assert not (again / "stale.bin").exists() and (again / "config.json").is_file()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not empty and was not written by make-tiny"):
+        make_tiny("gpt2", notes)
+    assert [p.name for p in notes.iterdir()] == ["thesis.tex"]
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        make_tiny("gpt2", file)
+    assert file.read_text() == "x"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (make_tiny("bert", empty) / "config.json").is_file()
