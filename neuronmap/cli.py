@@ -183,6 +183,7 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "path": str(getattr(run, "url", run.path)),  # a run on object storage shows its s3:// URL
         "status": manifest.status, "error": getattr(manifest, "error", None),
         "model": manifest.model, "format": manifest.format, "pooling": manifest.pooling, "dtype": manifest.dtype,
+        "compression": manifest.compression,
         "n_samples": manifest.n_samples, "n_tokens": manifest.n_tokens, "n_truncated": manifest.n_truncated,
         "layers": {name: info.shape for name, info in manifest.layers.items()},
         "shards": len(manifest.shards), "bytes": total_bytes, "created": manifest.created,

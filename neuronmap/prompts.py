@@ -125,6 +125,9 @@ def iter_prompts(
             f"use one of {', '.join(SUPPORTED_EXTENSIONS)} (one prompt per line in .txt, one JSON object per line in .jsonl)"
         )
 
+    if ext == ".txt" and text_column is not None:
+        raise ConfigError(f"text_column={text_column!r} does not apply to {path}: a .txt file has one prompt per line "
+                          "and no columns; leave out --text-column, or use .jsonl/.csv/.parquet")
     readers = {".txt": lambda: _from_txt(path, limit, chunk_rows),
                ".jsonl": lambda: _from_jsonl(path, text_column, limit, chunk_rows),
                ".csv": lambda: _from_csv(path, text_column, limit, chunk_rows),

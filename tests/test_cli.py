@@ -44,7 +44,7 @@ def test_extract_then_show_verify_export(capsys, gpt2_dir, prompts, tmp_path):
     code, stdout, _ = run_cli(capsys, "extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0-1", "-o", out, "--json")
     assert code == 0
     summary = json.loads(stdout)
-    assert summary["status"] == "complete" and summary["n_samples"] == 3
+    assert summary["status"] == "complete" and summary["n_samples"] == 3 and summary["compression"] is None
     assert set(summary["layers"]) == {"blocks.0", "blocks.1"}
 
     code, stdout, _ = run_cli(capsys, "runs", "show", out, "--json")
@@ -116,7 +116,7 @@ def test_bad_input_is_one_line_exit_2_and_no_damage(case, capsys, gpt2_dir, prom
     elif case == "unwritable":
         blocker = tmp_path / "file"
         blocker.write_text("not a folder")
-        args[8], words = blocker / "run", [str(blocker)]
+        args[8], words = blocker / "run", [str(blocker), "is a file, not a folder"]
     elif case == "bad_pooling":
         args += ["--pooling", "median"]
         words = ["median", "mean"]

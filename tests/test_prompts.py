@@ -45,6 +45,14 @@ def test_txt_limit_and_str_path(tmp_path):
     assert df["text"].tolist() == [f"prompt {i}" for i in range(7)]
 
 
+def test_a_text_column_for_a_txt_file_is_refused(tmp_path):
+    """A .txt file has no columns: a --text-column given with it is a mistake, not something to ignore."""
+    p = tmp_path / "p.txt"
+    p.write_text("one\ntwo\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="does not apply to .*p.txt.*leave out --text-column"):
+        load_prompts(p, text_column="question")
+
+
 def test_jsonl_autodetects_text_column_and_keeps_labels(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [
         {"id": 10, "prompt": "Hello there.", "label": "a"},

@@ -358,7 +358,8 @@ class RunWriter:
         try:
             old = load_manifest(path)
         except RunFormatError as error:
-            raise RunFormatError(f"{error}; pass --overwrite to replace it") from None
+            hint = "" if "--overwrite" in str(error) else "; pass --overwrite to replace it"
+            raise RunFormatError(f"{error}{hint}") from None
         if old.status == "complete":
             raise RunExistsError(f"a complete run already exists at {path}; pass --overwrite to replace it "
                                  "or choose another output folder")
