@@ -357,8 +357,24 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as one yellow line on stderr, without Python's source-line echo."""
+    text = " ".join(str(message).split())
+    err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    import warnings
+
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
     except NeuronMapError as error:

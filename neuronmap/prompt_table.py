@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ConfigError
-from .prompts import hash_prompt_columns, iter_prompts
+from .prompts import as_text, hash_prompt_columns, iter_prompts, warn_mixed_label
 
 STAGING_MARK = ".staging-"
 CHUNK_ROWS = 8192  # prompts read, checked and written at a time: a few MB of short questions
@@ -167,15 +167,30 @@ def _to_arrow(chunk: Any) -> pa.Table:
 
 
 def _unified(schemas: list[pa.Schema]) -> pa.Schema:
-    """The schema every part is cast to: the first one's (pandas metadata kept) when all agree."""
+    """The schema every part is cast to: the first one's (pandas metadata kept) when all agree, else
+    each column's types joined (ints and floats make floats); a column whose types cannot be joined
+    (numbers in one chunk, words in another) becomes text, as `prompts.iter_prompts` does within a chunk."""
     plain = [schema.remove_metadata() for schema in schemas]
     if all(schema.equals(plain[0]) for schema in plain):
         return schemas[0]
     try:
         return pa.unify_schemas(plain, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        raise ConfigError(f"prompts cannot be stored as Parquet: a column holds values of different types in "
-                          f"different rows ({' '.join(str(error).split())}); give each label column one type") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    names = list(dict.fromkeys(name for schema in plain for name in schema.names))
+    fields = []
+    for name in names:
+        types = [schema.field(name) for schema in plain if name in schema.names]
+        try:
+            fields.append(pa.unify_schemas([pa.schema([field]) for field in types], promote_options="permissive")
+                          .field(name))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            if name in ("sample_id", "text"):
+                raise ConfigError(f"prompts cannot be stored as Parquet: column {name!r} changes type between "
+                                  "rows") from None
+            warn_mixed_label(name, sorted({str(field.type) for field in types}))
+            fields.append(pa.field(name, pa.string()))
+    return pa.schema(fields)
 
 
 def _join(parts: list[Path], schema: pa.Schema, target: Path) -> None:
@@ -183,11 +198,19 @@ def _join(parts: list[Path], schema: pa.Schema, target: Path) -> None:
     with pq.ParquetWriter(target, schema) as writer:
         for part in parts:
             table = pq.read_table(part)
-            columns = [table.column(field.name).cast(field.type) if field.name in table.column_names
+            columns = [_cast(table.column(field.name), field.type) if field.name in table.column_names
                        else pa.nulls(table.num_rows, field.type) for field in schema]
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
             del table, columns
             _release_arrow_memory()
+
+
+def _cast(column: pa.ChunkedArray, to: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """`column` as `to`; to text by Python's `str` of each value, as `prompts.as_text` does within a
+    chunk (Arrow's own cast writes 1.0 as "1"), so a table is the same however it was chunked."""
+    if to == pa.string() and column.type not in (pa.string(), pa.large_string(), pa.null()):
+        return pa.array(as_text(column.to_pylist()).tolist(), pa.string())
+    return column.cast(to)
 
 
 def _release_arrow_memory() -> None:

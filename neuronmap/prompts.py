@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import pandas as pd
 
 from neuronmap.errors import ConfigError, PromptFileError
@@ -137,8 +138,64 @@ def iter_prompts(
 
 def _checked_first(chunks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """Read the first chunk now, so that an empty or malformed start of the file raises at the call."""
+    chunks = _storable_labels(chunks)
     first = next(chunks)
     return itertools.chain([first], chunks)
+
+
+def _storable_labels(chunks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """The chunks, with every label column whose values Arrow cannot hold in one type (numbers and
+    words, say: `1, 2, "unknown"`) turned to text, with one warning per column.
+
+    Why: such a column is common in hand-made label files, and failing the whole extraction over
+    it helps nobody; as text (`str` of each value, missing kept missing) the labels stay usable
+    for probing and the run stays storable. `prompt_table` applies the same rule across chunks.
+    """
+    import pyarrow as pa
+
+    warned: set[str] = set()
+    for chunk in chunks:
+        for name in chunk.columns[2:]:
+            column = chunk[name]
+            if column.dtype != object:
+                continue
+            try:
+                pa.array(column, from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                chunk[name] = as_text(column)
+                if name not in warned:
+                    warned.add(name)
+                    warn_mixed_label(name, sorted({type(v).__name__ for v in column.tolist() if not _missing(v)}))
+        yield chunk
+
+
+def as_text(values: Any) -> pd.Series:
+    """Each value as text, missing values (None, NaN, pd.NA) kept missing.
+
+    A whole-number float is written as an integer (2.0 -> "2"): pandas reads a column of integers
+    with a gap as floats, so without this the same label would read "2" or "2.0" depending on which
+    rows were read together (the prompt table is read in chunks).
+    """
+    def text(value: Any) -> str | None:
+        if _missing(value):
+            return None
+        if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 2**53:
+            return str(int(value))
+        return str(value)
+
+    index = values.index if isinstance(values, pd.Series) else None
+    return pd.Series([text(v) for v in values], dtype=object, index=index)
+
+
+def warn_mixed_label(name: str, kinds: Sequence[str]) -> None:
+    import warnings
+
+    warnings.warn(f"label column {name!r} mixes values of types {', '.join(kinds)}; it is stored as text (give it "
+                  "one type to keep numbers as numbers)", stacklevel=3)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def prompt_source_hash(df: pd.DataFrame) -> str:

@@ -154,6 +154,24 @@ def test_version(capsys):
     assert code == 0 and stdout.strip() == f"neuronmap {__version__}"
 
 
+def test_a_library_warning_is_one_line_and_the_run_completes(capsys, gpt2_dir, tmp_path):
+    """A label column of numbers and words is stored as text, with one warning line (no source echo)."""
+    import warnings
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": f"prompt {i}", "label": i if i % 2 else f"w{i}"}) + "\n"
+                            for i in range(6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "extract", "-m", gpt2_dir, "-p", path, "-l", "blocks.0", "-o",
+                               tmp_path / "run", "-q")
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "warning: label column 'label' mixes values of types int, str; it is stored as text (give it one type to "
+        "keep numbers as numbers)"]
+    assert open_run(tmp_path / "run").prompts["label"].tolist() == ["w0", "1", "w2", "3", "w4", "5"]
+
+
 def test_models_commands(capsys, gpt2_dir, tmp_path):
     code, stdout, _ = run_cli(capsys, "models", "list", "--json")
     names = {entry["name"] for entry in json.loads(stdout)}

@@ -4,6 +4,7 @@ for the whole source at once (the independent reference), whatever the chunk siz
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -64,11 +65,35 @@ def test_columns_whose_type_or_presence_differs_between_chunks_are_unified(tmp_p
     assert staged.source_hash == prompt_source_hash(whole)
 
 
-def test_a_column_of_two_incompatible_types_is_one_clear_error(tmp_path):
-    path = tmp_path / "mixed.jsonl"
-    path.write_text("".join(json.dumps({"text": f"t{i}", "label": i if i < 3 else f"s{i}"}) + "\n" for i in range(6)))
-    with pytest.raises(ConfigError, match="different types.*give each label column one type"):
-        stage_prompts(path, tmp_path, chunk_rows=3)
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_label_column_mixing_numbers_and_words_is_stored_as_text_however_chunked(tmp_path, fmt):
+    """Numbers, then words (or both in one chunk): the column becomes text, `str` of each value with
+    missing values kept missing, the same table and hash for every chunking, with a warning."""
+    labels = [0, 1, None, 2.5, "s4", 5, "s6", None, 8]
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(len(labels))], "label": labels, "n": range(len(labels))})
+    path = tmp_path / f"mixed.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n"
+                                for row in frame.to_dict("records")))
+    else:
+        frame.to_csv(path, index=False)
+    with warnings.catch_warnings(record=True) as caught:  # CSV cells are text: a whole read may not mix
+        warnings.simplefilter("always")
+        whole = load_prompts(path)
+    assert fmt == "csv" or any("label column 'label' mixes values of types" in str(w.message) for w in caught)
+    expected = [str(v) if v is not None else None for v in labels]  # 2.5 -> "2.5", 5 -> "5" in any chunk
+    assert [None if pd.isna(v) else v for v in whole["label"]] == expected
+    for chunk_rows in (2, 3, 4, 100):
+        (tmp_path / f"c{chunk_rows}").mkdir()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            staged = stage_prompts(path, tmp_path / f"c{chunk_rows}", chunk_rows=chunk_rows)
+        if chunk_rows == 2:  # numbers-only chunks meet words-only ones: joined as text, with the warning
+            assert any("label column 'label' mixes values of types" in str(w.message) for w in caught)
+        stored = pd.read_parquet(staged.path)
+        assert [None if pd.isna(v) else v for v in stored["label"]] == expected, chunk_rows
+        assert stored["n"].tolist() == list(range(len(labels)))
+        assert staged.source_hash == prompt_source_hash(whole), chunk_rows
 
 
 def test_errors_in_a_later_chunk_name_the_row_as_a_whole_load_does(tmp_path):
