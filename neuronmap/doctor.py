@@ -57,7 +57,7 @@ def _reachable(address: str, timeout: float = 1.0) -> bool:
 
 
 def collect(path: str | Path = ".") -> dict[str, Any]:
-    """Versions, Python, device, memory, free disk at `path`, and Ray reachability."""
+    """Versions, Python, device, memory, free disk at `path`, Ray and Hugging Face hub reachability."""
     import psutil
 
     info: dict[str, Any] = {f"{name} version": _version(name) for name in PACKAGES}
@@ -72,4 +72,9 @@ def collect(path: str | Path = ".") -> dict[str, Any]:
     else:
         info["ray cluster"] = f"{address} ({'reachable' if _reachable(address) else 'not reachable'})"
     info["hf offline"] = os.environ.get("HF_HUB_OFFLINE", "0")
+    from .models.loading import hub_unreachable
+
+    unreachable = hub_unreachable()
+    info["hugging face hub"] = (f"unreachable ({unreachable}): hub ids load from the local cache only"
+                                if unreachable else "reachable")
     return info

@@ -189,6 +189,7 @@ def test_doctor_json(capsys):
     code, stdout, _ = run_cli(capsys, "doctor", "--json")
     info = json.loads(stdout)
     assert code == 0 and info["torch version"].startswith("2.") and "disk free" in info
+    assert info["hugging face hub"].startswith("unreachable (HF_HUB_OFFLINE is set)")  # the tests run offline
 
 
 def test_console_script_exit_code_and_help(tmp_path):
