@@ -2,8 +2,8 @@
 
 Every subcommand parses its options, calls one library function and prints the result (a rich
 table, or JSON with `--json`). User mistakes raise `NeuronMapError`; `main` prints them as one red
-line and exits with code 2. Anything else is an internal error: one line, exit code 1, and the
-traceback only with NEURONMAP_DEBUG=1.
+line and exits with code 2, as they do running out of memory (a request too large for the machine).
+Anything else is an internal error: one line, exit code 1, and the traceback only with NEURONMAP_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -374,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = shown
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """MemoryError, or torch failing to allocate (CPU or CUDA), told apart without importing torch."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
@@ -391,6 +399,12 @@ def _main(argv: list[str] | None) -> int:
     except Exception as error:  # internal error: one line unless debugging
         if os.environ.get("NEURONMAP_DEBUG"):
             raise
+        if _out_of_memory(error):  # a request too large for this machine: the user can ask for less
+            detail = " ".join(str(error).split())[:160]
+            err_console.print(f"[red]error:[/] out of memory ({type(error).__name__}{': ' + detail if detail else ''}); "
+                              "ask for less (a smaller --batch-size, k, bins, steps or sample count) or use a machine "
+                              "with more memory", highlight=False, soft_wrap=True)
+            return 2
         err_console.print(f"[red]internal error:[/] {type(error).__name__}: {error} "
                           "(set NEURONMAP_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1

@@ -172,6 +172,26 @@ def test_a_library_warning_is_one_line_and_the_run_completes(capsys, gpt2_dir, t
     assert open_run(tmp_path / "run").prompts["label"].tolist() == ["w0", "1", "w2", "3", "w4", "5"]
 
 
+@pytest.mark.parametrize("allocate", ["numpy", "torch"])
+def test_running_out_of_memory_is_one_line_exit_2(allocate, capsys, monkeypatch):
+    """A request too large for the machine (here a real 32 TiB allocation inside a command) is told as
+    such, with what to lower, not as an internal error."""
+    import neuronmap.doctor
+
+    def huge(*args, **kwargs):
+        if allocate == "numpy":
+            return np.empty(2**45, dtype=np.uint8)
+        import torch
+
+        return torch.empty(2**45, dtype=torch.uint8)
+
+    monkeypatch.setattr(neuronmap.doctor, "collect", huge)
+    code, _, err = run_cli(capsys, "doctor")
+    assert code == 2, err
+    assert_one_line_error(err, "error: out of memory", "ask for less")
+    assert "internal error" not in err
+
+
 def test_models_commands(capsys, gpt2_dir, tmp_path):
     code, stdout, _ = run_cli(capsys, "models", "list", "--json")
     names = {entry["name"] for entry in json.loads(stdout)}
