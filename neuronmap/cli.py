@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import NeuronMapError
@@ -243,7 +244,7 @@ def runs_verify(run: Path = typer.Argument(..., help="Run directory."),
         console.print(f"[green]ok[/]: {run} verified")
     else:
         for problem in report.problems:  # one line each, also when stderr is not a terminal
-            err_console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{escape(problem)}[/]", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(3)
 
@@ -335,7 +336,7 @@ def _load_plugins() -> None:
         except Exception as error:  # a broken optional plugin must not break the core commands
             if os.environ.get("NEURONMAP_DEBUG"):
                 raise
-            err_console.print(f"[yellow]warning:[/] CLI plugin {point.name!r} not loaded: {error}")
+            err_console.print(f"[yellow]warning:[/] CLI plugin {escape(repr(point.name))} not loaded: {escape(str(error))}")
 
 
 _load_plugins()
@@ -360,7 +361,7 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A library warning as one yellow line on stderr, without Python's source-line echo."""
     text = " ".join(str(message).split())
-    err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +387,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
     except NeuronMapError as error:
-        err_console.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except _click_exceptions("Exit") as done:
         return done.exit_code
@@ -400,12 +401,12 @@ def _main(argv: list[str] | None) -> int:
         if os.environ.get("NEURONMAP_DEBUG"):
             raise
         if _out_of_memory(error):  # a request too large for this machine: the user can ask for less
-            detail = " ".join(str(error).split())[:160]
+            detail = escape(" ".join(str(error).split())[:160])
             err_console.print(f"[red]error:[/] out of memory ({type(error).__name__}{': ' + detail if detail else ''}); "
                               "ask for less (a smaller --batch-size, k, bins, steps or sample count) or use a machine "
                               "with more memory", highlight=False, soft_wrap=True)
             return 2
-        err_console.print(f"[red]internal error:[/] {type(error).__name__}: {error} "
+        err_console.print(f"[red]internal error:[/] {type(error).__name__}: {escape(str(error))} "
                           "(set NEURONMAP_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1
     # In non-standalone mode click returns the code of a `typer.Exit` instead of raising it.

@@ -192,6 +192,20 @@ def test_running_out_of_memory_is_one_line_exit_2(allocate, capsys, monkeypatch)
     assert "internal error" not in err
 
 
+def test_error_text_in_square_brackets_is_printed_as_written(capsys, monkeypatch):
+    """Messages go through rich: brackets in them (`[answer]`, `h[0]`) must not be taken as markup."""
+    import neuronmap.doctor
+    from neuronmap.errors import ConfigError
+
+    def mistake(*args, **kwargs):
+        raise ConfigError("logit[answer] - logit[wrong] needs --answer; see [bold]the docs[/]")
+
+    monkeypatch.setattr(neuronmap.doctor, "collect", mistake)
+    code, _, err = run_cli(capsys, "doctor")
+    assert code == 2
+    assert err.strip() == "error: logit[answer] - logit[wrong] needs --answer; see [bold]the docs[/]"
+
+
 def test_models_commands(capsys, gpt2_dir, tmp_path):
     code, stdout, _ = run_cli(capsys, "models", "list", "--json")
     names = {entry["name"] for entry in json.loads(stdout)}
