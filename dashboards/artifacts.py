@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from neuronmap.analysis.artifacts import Artifact, find_artifact, list_artifacts
-from neuronmap.errors import ConfigError
+from neuronmap.analysis.artifacts import (RESULT_NAME, Artifact, analyses_dir, list_artifacts, load_artifact,
+                                          unreadable_artifacts)
+from neuronmap.errors import ConfigError, RunFormatError
 
 
 def created(artifact: Artifact) -> str:
@@ -22,20 +23,25 @@ def select_artifact(run_path: str | os.PathLike, key: str) -> tuple[Artifact, st
     Returns (artifact, note); the note says which one was picked when several match. ConfigError
     lists the run's artifacts when nothing matches.
     """
-    found = find_artifact(run_path, key) if key and "/" not in key and not key.startswith(".") else None
-    if found is not None:
-        return found, None
+    if key and "/" not in key and not key.startswith(".") and (analyses_dir(run_path) / key / RESULT_NAME).is_file():
+        return load_artifact(analyses_dir(run_path) / key), None  # a damaged one: RunFormatError saying so
     every = list_artifacts(run_path)
     named = sorted((a for a in every if a.analysis == key), key=created)
+    damaged = [(path, reason) for path, reason in unreadable_artifacts(run_path) if path.name.rpartition("-")[0] == key]
+    if not named and damaged:
+        raise RunFormatError(damaged[-1][1])
     if not named:
         shown = ", ".join(f"{a.id}" for a in every) or "(none: run `neuronmap analyze RUN ANALYSIS` first)"
         raise ConfigError(f"run {run_path} has no artifact {key!r} (an artifact id or an analysis name); "
                           f"its artifacts: {shown}")
-    note = None
+    notes = []
     if len(named) > 1:
-        note = (f"{len(named)} {key} artifacts: drew the newest, {named[-1].id}; pass an id to choose "
-                f"({', '.join(a.id for a in named[:-1])})")
-    return named[-1], note
+        notes.append(f"{len(named)} {key} artifacts: drew the newest, {named[-1].id}; pass an id to choose "
+                     f"({', '.join(a.id for a in named[:-1])})")
+    if damaged:
+        notes.append(f"skipped {len(damaged)} unreadable {key} artifact{'s' if len(damaged) > 1 else ''} "
+                     f"({', '.join(path.name for path, _ in damaged)}): recompute with `neuronmap analyze ... --force`")
+    return named[-1], "; ".join(notes) or None
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
                                            "default its first."),
         dims: int = typer.Option(2, help="Scatter dimensions for pca / tsne: 2 or 3."),
         color_by: Optional[str] = typer.Option(None, help="Colour scatter points by this prompts column."),
-        width: int = typer.Option(1000, help="Image width in pixels (png/svg)."),
-        height: int = typer.Option(700, help="Image height in pixels (png/svg)."),
+        width: int = typer.Option(1000, help="Image width in pixels (png/svg), 1 to 16384."),
+        height: int = typer.Option(700, help="Image height in pixels (png/svg), 1 to 16384."),
         max_points: int = typer.Option(20_000, help="Scatter points drawn at most (seeded, label-balanced sample)."),
     ) -> None:
         """Draw one analysis artifact of a run to an HTML, PNG or SVG file."""
@@ -61,9 +61,10 @@ def register(app: typer.Typer) -> None:
         from neuronmap.viz import figure_for_artifact
 
         from .artifacts import select_artifact
-        from .export import figure_format, write_figure
+        from .export import check_image_size, figure_format, write_figure
 
         figure_format(out)
+        check_image_size(width, height)  # before any work: kaleido turns a too-large image into garbage
         opened = open_run(run)
         artifact, note = select_artifact(opened.path, analysis)
         prompts = opened.prompts
@@ -97,6 +98,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--out {out} must end in .html")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.filterwarnings("default", message="skipped unreadable artifact")  # one line each, shown
             written = write_report(run, out)
         size = written.stat().st_size / 1e6
         console.print(f"wrote {escape(str(written))} ({size:.1f} MB, plotly.js inlined)", highlight=False)

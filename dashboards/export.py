@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from neuronmap.errors import ConfigError, StorageError
+from neuronmap.errors import ConfigError
 
 FORMATS = ("html", "png", "svg")
+MAX_PIXELS = 16384
+"""Largest width and height of an exported image: Chromium draws at most 16384 x 16384 pixels (268 M);
+past that area kaleido returns a few bytes of garbage instead of a PNG."""
 NO_BROWSER = ("PNG/SVG export needs Chrome or Chromium for kaleido: install it (Debian: apt-get install chromium) "
               "or point BROWSER_PATH at it; or write .html, which needs nothing")
 
@@ -25,21 +28,42 @@ def figure_format(out: str | os.PathLike) -> str:
     return suffix
 
 
+def check_image_size(width: int, height: int, scale: float = 1.0) -> None:
+    """ConfigError unless width and height (times `scale`) are whole pixels in [1, MAX_PIXELS]."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value * scale <= MAX_PIXELS:
+            raise ConfigError(f"--{name} {value!r} must be between 1 and {MAX_PIXELS} pixels (the largest image "
+                              f"Chromium renders{f' at scale {scale}' if scale != 1 else ''}), e.g. --{name} "
+                              f"{1000 if name == 'width' else 700}")
+
+
+def _looks_like(data: bytes, format: str) -> bool:
+    if format == "png":
+        return data.startswith(b"\x89PNG\r\n\x1a\n")
+    head = data[:512].lstrip().lower()
+    return head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower())
+
+
 def figure_bytes(fig, format: str, width: int = 1000, height: int = 700, scale: float = 1.0) -> bytes:
-    """PNG or SVG bytes of `fig` through kaleido (headless Chromium)."""
+    """PNG or SVG bytes of `fig` through kaleido (headless Chromium); ConfigError when it gives no valid image."""
     if format not in ("png", "svg"):
         raise ConfigError(f"format={format!r} must be png or svg")
+    check_image_size(width, height, scale)
     try:
         import kaleido  # noqa: F401
     except ImportError:
         raise ConfigError("PNG/SVG export needs kaleido: pip install -e '.[dashboard]'; or write .html") from None
     try:
-        return fig.to_image(format=format, width=width, height=height, scale=scale)
+        data = fig.to_image(format=format, width=width, height=height, scale=scale)
     except Exception as error:  # kaleido raises several types when no browser can start
         text = " ".join(str(error).split())
         if "browser" in text.lower() or "chrome" in text.lower() or "chromium" in text.lower():
             raise ConfigError(f"{NO_BROWSER} ({text[:200]})") from None
         raise
+    if not _looks_like(data, format):  # never report success for bytes no viewer can open
+        raise ConfigError(f"kaleido returned {len(data)} bytes that are not a {format.upper()} image at {width} x "
+                          f"{height} pixels: try a smaller --width/--height, or write .html")
+    return data
 
 
 def figure_html(fig, include_plotlyjs: bool | str = True) -> str:
@@ -56,12 +80,19 @@ def write_figure(fig, out: str | os.PathLike, width: int = 1000, height: int = 7
 
 
 def write_bytes(out: Path, data: bytes) -> Path:
+    """Write `data` to `out` through a temp file renamed into place; an OSError (a parent that is a file, no
+    permission, a full disk) is a one-line StorageError naming the cause, and no temp file is left behind."""
+    from neuronmap.store.manifest import storage_error
+
     temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         temp.write_bytes(data)
         os.replace(temp, out)
     except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {out}: {error.strerror or error}; check the folder is writable") from None
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:  # the folder is not there (its parent is a file): nothing was written
+            pass
+        raise storage_error(error, out, resumable=False) from None
     return out

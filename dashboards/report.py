@@ -10,11 +10,12 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from neuronmap.analysis.artifacts import Artifact, list_artifacts
+from neuronmap.analysis.artifacts import Artifact, list_artifacts, unreadable_artifacts
 from neuronmap.store import open_run
 
 from .artifacts import created, metrics_frame
@@ -72,13 +73,13 @@ def _section(artifact: Artifact, prompts: pd.DataFrame | None) -> str:
     result = artifact.result
     layers = ", ".join(result.get("layers", []))
     labels = f" · labels <code>{html.escape(result['labels'])}</code>" if result.get("labels") else ""
-    warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in artifact.warnings)
+    notes = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in artifact.warnings)
     params = html.escape(json.dumps(result.get("params", {}), indent=2, default=str))
     return (f'<section id="{html.escape(artifact.id)}"><h2>{html.escape(artifact.analysis)} '
             f"<small>{html.escape(artifact.id)}</small></h2>"
             f"<p><small>{html.escape(result.get('family', ''))} · layers {html.escape(layers)}{labels} · "
             f"created {html.escape(created(artifact))} · {result.get('elapsed_s', '?')} s · engine "
-            f"{html.escape(str(result.get('engine', '')))}</small></p>{warnings}"
+            f"{html.escape(str(result.get('engine', '')))}</small></p>{notes}"
             f"{_figures(artifact, prompts)}<h3>Metrics</h3>{_table(metrics_frame(artifact))}"
             f"<details><summary>Parameters</summary><pre>{params}</pre></details></section>")
 
@@ -93,6 +94,9 @@ def run_sections(run_path: str | os.PathLike, heading: str = "Run", anchor: str 
     run = open_run(run_path)
     manifest = run.manifest
     artifacts = sorted(list_artifacts(run.path), key=lambda a: (a.analysis, created(a)))
+    damaged = unreadable_artifacts(run.path)
+    for path, reason in damaged:  # left out of the page, but never silently
+        warnings.warn(f"skipped unreadable artifact {path.name}: {reason}", UserWarning, stacklevel=2)
     others = 0
     if artifact_ids is not None:
         kept = [a for a in artifacts if a.id in set(artifact_ids)]
@@ -114,6 +118,8 @@ def run_sections(run_path: str | os.PathLike, heading: str = "Run", anchor: str 
     where = f' id="{html.escape(anchor)}"' if anchor else ""
     more = (f"<p><small>{others} other artifact{'s' if others != 1 else ''} of this run not shown: "
             "<code>neuronmap report RUN</code> shows every one</small></p>") if others else ""
+    more += "".join(f'<p class="warn">skipped unreadable artifact <code>{html.escape(path.name)}</code>: '
+                    f"{html.escape(reason)}</p>" for path, reason in damaged)
     return (f"<section{where}><h2>{html.escape(heading)}</h2>{_table(overview)}<h3>Layers</h3>{_table(layers)}"
             f"<h3>Analyses ({len(artifacts)})</h3><nav><ul>{toc}</ul></nav>{more}</section>{body}")
 

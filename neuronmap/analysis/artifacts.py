@@ -1,4 +1,5 @@
-"""Analysis artifacts: `RUN/analyses/<id>/` with params.json, result.json, arrays.npz, <table>.parquet.
+"""Analysis artifacts: `RUN/analyses/<id>/` with params.json, result.json, arrays.npz (only when the
+analysis stores arrays: cka, rsa and evolution keep everything in result.json and their table), <table>.parquet.
 
 The id is ``<name>-<12 hex of sha256(name, version, params, layers, labels column, shard sha256s)>``:
 the same analysis asked again on the same data with the same parameters finds its artifact and
@@ -41,6 +42,7 @@ PARAMS_NAME = "params.json"
 RESULT_NAME = "result.json"
 ARRAYS_NAME = "arrays.npz"
 UNIT_COLUMN = {"layer": "layer", "layer_pair": "pair", "run": None}
+DAMAGED = ": the artifact is damaged; recompute it (`neuronmap analyze ... --force` replaces an analysis) or delete "
 
 
 def artifact_id(name: str, version: str, params: dict, layers: list[str], labels: str | None,
@@ -204,8 +206,29 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     except FileNotFoundError:
         raise RunFormatError(f"{path} is not an analysis artifact (no {RESULT_NAME})") from None
     except (OSError, ValueError) as error:
-        raise RunFormatError(f"cannot read {path / RESULT_NAME}: {error}") from None
+        raise RunFormatError(f"cannot read {path / RESULT_NAME} ({' '.join(str(error).split())}){DAMAGED}"
+                             f"{path}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("units"), dict) or "id" not in result:
+        raise RunFormatError(f"cannot read {path / RESULT_NAME} (not an artifact's result: no id or units){DAMAGED}"
+                             f"{path}")
     return Artifact(path, result)
+
+
+def unreadable_artifacts(run_path: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(folder, reason) of every artifact folder of the run whose result.json cannot be read (what
+    `list_artifacts` skips), so that callers can say so instead of leaving it out silently."""
+    root = analyses_dir(run_path)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not path.is_dir() or not (path / RESULT_NAME).is_file():
+            continue
+        try:
+            load_artifact(path)
+        except RunFormatError as error:
+            found.append((path, str(error)))
+    return found
 
 
 def find_artifact(run_path: str | os.PathLike, artifact_id: str) -> Artifact | None:
@@ -283,4 +306,8 @@ def write_artifact(run_path: str | os.PathLike, artifact_id: str, params_doc: di
         shutil.rmtree(temp, ignore_errors=True)
         raise StorageError(f"cannot write analysis artifact {final}: {error.strerror or error}; "
                            "check that the run folder is writable and has free space") from None
-    return load_artifact(final)
+    try:
+        return load_artifact(final)
+    except RunFormatError as error:  # the folder that was there first is damaged: --force replaces it
+        raise RunFormatError(f"{str(error).split(DAMAGED)[0]}: the existing artifact is damaged; pass --force to "
+                             "recompute and replace it") from None

@@ -130,8 +130,18 @@ def show_artifact(artifact: Any, spec: Any, as_json: bool) -> None:
     console.print(table)
     for message in artifact.warnings:
         err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-    console.print(f"artifact: [bold]{artifact.path}[/] (result.json, arrays.npz"
-                  f"{''.join(', ' + t + '.parquet' for t in artifact.tables)})", highlight=False, soft_wrap=True)
+    console.print(f"artifact: [bold]{artifact.path}[/] ({', '.join(artifact_files(artifact.path))})", highlight=False,
+                  soft_wrap=True)
+
+
+def artifact_files(path: Path) -> list[str]:
+    """The files an artifact folder holds, as written: result.json, params.json, arrays.npz (only when the
+    analysis stored arrays), then its tables."""
+    from .artifacts import ARRAYS_NAME, PARAMS_NAME, RESULT_NAME
+
+    present = sorted(p.name for p in Path(path).iterdir() if p.is_file())
+    first = [name for name in (RESULT_NAME, PARAMS_NAME, ARRAYS_NAME) if name in present]
+    return first + [name for name in present if name not in first]
 
 
 def analyze_command(

@@ -170,6 +170,20 @@ class BinnedCounts:
         return _mi_bits(self.counts_, self.n_samples_, correction)
 
 
+def check_bins(bins: int, n_rows: int, where: str = "", default: int = 32) -> int:
+    """`bins` when it is an integer >= 2 and at most max(n_rows, `default`).
+
+    Why the bound: with more bins than rows most bins stay empty and the plug-in estimate measures
+    the sample size, not the data, while the counts (bins x features) outgrow the data itself; an
+    absurd value ran out of memory. The analysis default always passes, also on a run of a few rows.
+    """
+    bins = _check_int("bins", bins, 2)
+    if bins > max(n_rows, default):
+        raise ConfigError(f"bins={bins} is more than the {n_rows} rows{' of ' + where if where else ''}: use at most "
+                          f"one bin per row (keep rows >> bins), e.g. bins={max(2, min(default, n_rows))}")
+    return bins
+
+
 def _plogp_sum(counts: np.ndarray, n: int, axes) -> np.ndarray:
     """sum over `axes` of (c / n) log2(c / n), 0 log 0 = 0."""
     c = counts.astype(np.float64)
@@ -225,8 +239,8 @@ def entropy(X: Source, *, bins: int = 32, correction: str = "none",
     """
     batch_size = _check_int("batch_size", batch_size, 1)
     _check_choice("correction", correction, CORRECTIONS)
-    lo, hi, _ = _ranges(X, "X", batch_size)
-    state = BinnedCounts(lo, hi, bins)
+    lo, hi, n = _ranges(X, "X", batch_size)
+    state = BinnedCounts(lo, hi, check_bins(bins, n))
     for (x,) in _aligned_batches([X], ["X"], batch_size, ""):
         state.add(x)
     return state.entropy(correction)
@@ -288,7 +302,7 @@ def mutual_information(X: Source, labels, *, bins: int = 32, correction: str = "
     codes, classes = encode_labels(labels, n)
     if len(classes) < 2:
         _warn(f"labels has a single class ({classes[0]!r}): it carries no information; every MI is 0")
-    state = BinnedCounts(lo, hi, bins, n_classes=len(classes))
+    state = BinnedCounts(lo, hi, check_bins(bins, n), n_classes=len(classes))
     start = 0
     for (x,) in _aligned_batches([X], ["X"], batch_size, ""):
         state.add(x, codes[start:start + len(x)])
@@ -321,8 +335,16 @@ def _top_components(m: _Moments, k: int, name: str) -> np.ndarray:
 
 
 def _binned_mi_pair(a: np.ndarray, b: np.ndarray, bins: int, correction: str) -> float:
-    joint = np.bincount(a * bins + b, minlength=bins * bins).reshape(1, bins, bins)
-    return float(_mi_bits(joint, len(a), correction)[0])
+    """Plug-in MI of two bin-index columns from the occupied cells only: memory O(n), not O(bins^2)."""
+    n = len(a)
+    joint = np.unique(a * bins + b, return_counts=True)[1]
+    count_a, count_b = np.bincount(a), np.bincount(b)
+    count_a, count_b = count_a[count_a > 0], count_b[count_b > 0]
+    h = [-_plogp_sum(c, n, 0) for c in (count_a, count_b, joint)]
+    mi = float(h[0] + h[1] - h[2])
+    if _check_choice("correction", correction, CORRECTIONS) == "miller-madow":
+        return mi + ((len(count_a) - 1) + (len(count_b) - 1) - (len(joint) - 1)) / (2.0 * n * _LN2)
+    return max(mi, 0.0)
 
 
 def layer_mutual_information(X: Source, Y: Source, *, n_components: int = 1, bins: int = 16,
@@ -363,6 +385,7 @@ def layer_mutual_information(X: Source, Y: Source, *, n_components: int = 1, bin
         my.add(y, y)
     if mx.n < 2:
         raise ConfigError(f"X has {mx.n} samples; mutual information between layers needs at least 2")
+    check_bins(bins, mx.n, default=16)
     wx, wy = _top_components(mx, k, "X"), _top_components(my, k, "Y")
     px, py = [], []
     for x, y in _aligned_batches([X, Y], ["X", "Y"], batch_size, "mutual information between layers"):

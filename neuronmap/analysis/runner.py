@@ -179,14 +179,19 @@ def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
     names = run.layers
     if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
         return names
+    holds = ", ".join(abbreviate(names)) or "(no layers)"
     chosen: set[str] = set()
     for item in split_spec(spec):
-        expanded = expand_ranges(item) or [item]
-        found = [name for pattern in expanded for name in match(pattern, names)]
-        if not found:
-            raise UnknownLayerError(f"layer {item!r} is not in run {run.path}; it holds: "
-                                    f"{', '.join(abbreviate(names)) or '(no layers)'}")
-        chosen.update(found)
+        expanded = expand_ranges(item)
+        if expanded is None:
+            raise UnknownLayerError(f"bad layer range {item!r}: write ranges low-high, e.g. blocks.0-2; run {run.path} "
+                                    f"holds: {holds}")
+        # Every part of a range must exist, as when extracting: blocks.0-7 on a 3-block run is a mistake, not 0-2.
+        missing = [pattern for pattern in expanded if not match(pattern, names)]
+        if missing:
+            part = "" if missing == [item] else f" (no {', '.join(abbreviate(missing))})"
+            raise UnknownLayerError(f"layer {item!r} is not in run {run.path}{part}; it holds: {holds}")
+        chosen.update(name for pattern in expanded for name in match(pattern, names))
     return [name for name in names if name in chosen]
 
 

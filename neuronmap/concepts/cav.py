@@ -171,9 +171,22 @@ class CAVRuns:
         return np.stack([np.stack([c.vector for c in runs]) for runs in self.null])
 
 
+def check_max_examples(value: int | None, name: str = "max_examples") -> int | None:
+    """`value` when it is None (no cap) or an integer >= 2; else a ConfigError naming `name` (a CAV run needs
+    at least 2 examples per side: one to fit on and one to hold out)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+        shown = f"{name} {value!r}" if name.startswith("--") else f"{name}={value!r}"
+        raise ConfigError(f"{shown} must be an integer >= 2 (examples per side of each CAV run; a CAV needs at least 2 "
+                          "per side), e.g. 500")
+    return int(value)
+
+
 def run_sizes(n_concept: int, n_random: int, max_examples: int | None, null_sets: int) -> tuple[int, int]:
     """(set_size, size): the concept set used (at most half the random rows when pseudo-concepts must be
     carved out of them) and the examples per side of each run (also at most `max_examples`)."""
+    max_examples = check_max_examples(max_examples)
     set_size = min(n_concept, n_random // 2) if null_sets > 0 else n_concept
     size = min(set_size, n_random - set_size if null_sets > 0 else n_random, max_examples or set_size)
     if size < 2:
@@ -241,12 +254,21 @@ def cosine_matrix(vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
+def label_text(labels: np.ndarray, value: object, column: str = "labels", what: str = "concept") -> str:
+    """The label of column `labels` that `value` names, as text: ``True`` for true, TRUE or True of a boolean
+    column (labels compare as text; case is ignored when that leaves one match). ConfigError otherwise."""
+    values = sorted({str(v) for v in np.asarray(labels, dtype=object)})
+    shown = ", ".join(values[:12]) + (" ..." if len(values) > 12 else "")
+    return _label_value(value, values, what, column, shown)
+
+
 def split_by_label(labels: np.ndarray, concept: object, negative: object | None = None,
                    column: str = "labels") -> tuple[np.ndarray, np.ndarray]:
     """(concept positions, random positions) of a label column; labels compare as text.
 
-    Random rows are every row whose label differs from `concept`, or those equal to `negative`. A
-    column with a single value, or a value it lacks, is a one-line ConfigError naming the values.
+    Random rows are every row whose label differs from `concept`, or those equal to `negative`;
+    ``true``/``TRUE`` name a boolean column's ``True`` (`label_text`). A column with a single value,
+    or a value it lacks, is a one-line ConfigError naming the values.
     """
     text = np.asarray([str(v) for v in np.asarray(labels, dtype=object)], dtype=object)
     values = sorted(set(text.tolist()))
@@ -254,11 +276,23 @@ def split_by_label(labels: np.ndarray, concept: object, negative: object | None 
     if len(values) < 2:
         raise ConfigError(f"label column {column!r} has a single value ({values[0] if values else 'no rows'!s}): a CAV "
                           "needs concept rows and other rows; pick another --labels column")
-    for what, value in (("concept", concept), ("negative", negative)):
-        if value is not None and str(value) not in values:
-            raise ConfigError(f"{what} {str(value)!r} is not a value of label column {column!r}; its values: {shown}")
+    concept = _label_value(concept, values, "concept", column, shown)
+    negative = _label_value(negative, values, "negative", column, shown)
     if negative is not None and str(negative) == str(concept):
         raise ConfigError(f"concept and negative are both {str(concept)!r}: give two different values")
     concept_rows = np.flatnonzero(text == str(concept))
     random_rows = np.flatnonzero(text == str(negative)) if negative is not None else np.flatnonzero(text != str(concept))
     return concept_rows, random_rows
+
+
+def _label_value(value: object, values: list[str], what: str, column: str, shown: str) -> str | None:
+    """The label text `value` stands for: itself, else the one value equal to it ignoring case (``true`` for a
+    boolean column's ``True``); a value the column lacks is a ConfigError listing what to type."""
+    if value is None:
+        return None
+    if str(value) in values:
+        return str(value)
+    folded = [v for v in values if v.casefold() == str(value).casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    raise ConfigError(f"{what} {str(value)!r} is not a value of label column {column!r}; its values: {shown}")

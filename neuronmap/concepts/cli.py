@@ -65,7 +65,7 @@ def tcav(
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling of prompts extracted now (default: the "
                                                                   "run's, else mean)."),
     random_runs: int = typer.Option(10, "--random-runs", help="CAV runs per concept and random pseudo-concepts."),
-    max_examples: int = typer.Option(500, "--max-examples", help="Examples per side and CAV run."),
+    max_examples: int = typer.Option(500, "--max-examples", help="Examples per side and CAV run (>= 2)."),
     classifier: str = typer.Option("logistic", "--classifier", help="logistic | svm."),
     c: float = typer.Option(0.1, "--C", help="Inverse L2 strength of the CAV classifier."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level (Bonferroni over layers x concepts)."),
@@ -84,10 +84,12 @@ def tcav(
     from ..models.loading import load_model
     from ..prompts import load_prompts
     from ..store import open_run
+    from .cav import check_max_examples
     from .examples import check_run_model, examples_from_prompts, examples_from_run
     from .tcav import TCAV, ConceptExamples
 
     started = time.time()
+    check_max_examples(max_examples, "--max-examples")
     concepts = list(concept or [])
     if concept_prompts is None and not (run is not None and labels is not None and concepts):
         raise ConfigError("say where the concept examples are: --run RUN --labels COLUMN --concept VALUE, or "
@@ -195,14 +197,14 @@ class _Quiet:
 def maximize(
     model: str = typer.Option(..., "--model", "-m", help="Registry name, local folder or hub id."),
     neuron: str = typer.Option(..., "--neuron", "-n", help="LAYER:INDEX, e.g. blocks.3.mlp:17."),
-    length: int = typer.Option(8, "--length", help="Soft-prompt positions."),
+    length: int = typer.Option(8, "--length", help="Soft-prompt positions (at most the model's positions)."),
     steps: int = typer.Option(200, "--steps", help="Adam steps."),
     lr: float = typer.Option(0.1, "--lr", help="Step size as a fraction of the median embedding norm."),
     l2: float = typer.Option(0.0, "--l2", help="Penalty on the positions' mean squared norm."),
     position: str = typer.Option("-1", "--position", help="Position whose activation is maximised (-1: last) or mean."),
     seed: int = typer.Option(0, "--seed", help="Seeds the start and the random baseline prompts."),
     nearest: int = typer.Option(5, "--nearest", help="Nearest vocabulary tokens reported per position."),
-    random: int = typer.Option(64, "--random", help="Random token prompts of the baseline (0: none)."),
+    random: int = typer.Option(64, "--random", help="Random token prompts of the baseline (0: none; at most 10000)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Random prompts per forward."),
     out: Optional[Path] = OUT,
     run: Optional[Path] = typer.Option(None, "--run", help="Store the artifact in this run's analyses/."),
@@ -230,8 +232,10 @@ def maximize(
     artifact_folder(out, run, "maximize", params, overwrite)
     _quiet()
     loaded = load_model(model, device=device)
-    with ProgressBar(progress and not as_json, "optimising") as bar:
-        result = ActivationMaximisation(loaded, batch_size=batch_size).maximize(
+    method = ActivationMaximisation(loaded, batch_size=batch_size)
+    method.check(neuron, length=length, steps=steps, lr=lr, l2=l2, position=where, n_nearest=nearest, n_random=random)
+    with ProgressBar(progress and not as_json, "optimising") as bar:  # the checks above print no bar residue
+        result = method.maximize(
             neuron, length=length, steps=steps, lr=lr, l2=l2, position=where, seed=seed, n_nearest=nearest,
             n_random=random, progress=bar)
     summary = {"method": "maximize", "model": loaded.name, **result.summary()}

@@ -55,6 +55,9 @@ def examples_from_run(run: Any, layers: Sequence[str], labels: str | None = None
     from ..store import open_run
     from .tcav import ConceptExamples
 
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer))
+                                 or max_rows < 2):
+        raise ConfigError(f"max_rows={max_rows!r} must be an integer >= 2 (rows read per side) or None for every row")
     run = open_run(run)
     if labels is not None:
         label_values(run, labels)

@@ -27,6 +27,20 @@ from ..errors import ConfigError
 from ..interventions._common import check_stack, device_of, hidden_refs
 
 Progress = Callable[[int, int], None]
+MAX_RANDOM = 10_000
+"""Most random prompts of the baseline: a few hundred already pin down its best and mean value."""
+
+
+def position_limit(model: Any) -> int | None:
+    """Token positions `model` has (``max_position_embeddings`` / ``n_positions``), None when unbounded
+    (relative positions, e.g. T5). RoBERTa-style models number positions from ``pad_token_id + 1``."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return None
+    if "roberta" in str(getattr(config, "model_type", "")) or getattr(config, "model_type", "") == "camembert":
+        limit -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return int(limit)
 
 
 def parse_neuron(loaded: Any, spec: str) -> tuple[Any, int]:
@@ -118,7 +132,8 @@ class ActivationMaximisation:
         mask = torch.ones_like(ids)
         with torch.no_grad(), Capture([ref], stop_early=True) as cap:
             cap.run(self.model, input_ids=ids, attention_mask=mask)
-        return self._read(cap.outputs[ref.name], ref, unit, position)
+        # A copy: the read is a view that would keep the layer's whole (batch, tokens, units) output alive.
+        return self._read(cap.outputs[ref.name], ref, unit, position).clone()
 
     @staticmethod
     def _read(hidden: torch.Tensor, ref: Any, unit: int, position: int | str) -> torch.Tensor:
@@ -130,6 +145,32 @@ class ActivationMaximisation:
                               f"(0..{hidden.shape[-1] - 1})")
         values = hidden[..., unit].float()
         return values.mean(dim=1) if position == "mean" else values[:, position]
+
+    def check(self, neuron: str, length: int = 8, steps: int = 200, lr: float = 0.1, l2: float = 0.0,
+              position: int | str = -1, n_nearest: int = 5, n_random: int = 64) -> tuple[Any, int, int | str]:
+        """Validate `maximize`'s options before any work: (layer ref, unit, position); ConfigError otherwise."""
+        for name, value, low in (("length", length, 1), ("steps", steps, 0), ("n_nearest", n_nearest, 1),
+                                 ("n_random", n_random, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+        if n_random > MAX_RANDOM:
+            raise ConfigError(f"n_random={n_random} must be <= {MAX_RANDOM} (random prompts of the baseline, --random; "
+                              "a few hundred already give its best and mean)")
+        limit = position_limit(self.model)
+        if limit is not None and length > limit:
+            raise ConfigError(f"length={length} is more than the {limit} positions the model has: use --length {limit} "
+                              "or less")
+        if not lr > 0:
+            raise ConfigError(f"lr={lr!r} must be > 0")
+        if not l2 >= 0:
+            raise ConfigError(f"l2={l2!r} must be >= 0")
+        if position != "mean" and (isinstance(position, bool) or not isinstance(position, (int, np.integer))
+                                   or not -length <= int(position) < length):
+            raise ConfigError(f"position={position!r} must be mean or an integer in [{-length}, {length - 1}] "
+                              f"(the soft prompt has {length} positions)")
+        position = position if position == "mean" else int(position)
+        ref, unit = parse_neuron(self.loaded, neuron)
+        return ref, unit, position
 
     # -- the verb ---------------------------------------------------------------------------------------
     def maximize(self, neuron: str, length: int = 8, steps: int = 200, lr: float = 0.1, l2: float = 0.0,
@@ -158,20 +199,7 @@ class ActivationMaximisation:
         n_random : int
             Random token prompts of the same length whose activations are the baseline (0: none).
         """
-        for name, value, low in (("length", length, 1), ("steps", steps, 0), ("n_nearest", n_nearest, 1),
-                                 ("n_random", n_random, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
-        if not lr > 0:
-            raise ConfigError(f"lr={lr!r} must be > 0")
-        if not l2 >= 0:
-            raise ConfigError(f"l2={l2!r} must be >= 0")
-        if position != "mean" and (isinstance(position, bool) or not isinstance(position, (int, np.integer))
-                                   or not -length <= int(position) < length):
-            raise ConfigError(f"position={position!r} must be mean or an integer in [{-length}, {length - 1}] "
-                              f"(the soft prompt has {length} positions)")
-        position = position if position == "mean" else int(position)
-        ref, unit = parse_neuron(self.loaded, neuron)
+        ref, unit, position = self.check(neuron, length, steps, lr, l2, position, n_nearest, n_random)
         table = self.model.get_input_embeddings().weight.detach()
         device = device_of(self.model)
         norms = table.float().norm(dim=-1)
@@ -235,8 +263,10 @@ class ActivationMaximisation:
                          position: int | str, generator: torch.Generator) -> np.ndarray:
         if n_random == 0:
             return np.empty(0)
-        ids = candidates[torch.randint(len(candidates), (n_random, length), generator=generator)]
         device = device_of(self.model)
-        values = [self.activation_of_ids(ids[start:start + self.batch_size].to(device), ref, unit, position)
-                  for start in range(0, n_random, self.batch_size)]
+        values = []
+        for start in range(0, n_random, self.batch_size):  # drawn batch by batch: the same ids as one draw
+            rows = min(self.batch_size, n_random - start)
+            ids = candidates[torch.randint(len(candidates), (rows, length), generator=generator)]
+            values.append(self.activation_of_ids(ids.to(device), ref, unit, position))
         return torch.cat(values).cpu().numpy().astype(np.float64)

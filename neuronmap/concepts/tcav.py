@@ -38,7 +38,7 @@ import torch
 from ..capture import Capture
 from ..errors import ConfigError
 from ..interventions._common import as_prompts, check_stack, device_of, hidden_refs, make_batch, tokenize
-from .cav import Classifier, cav_runs, cosine_matrix
+from .cav import Classifier, cav_runs, check_max_examples, cosine_matrix
 
 Progress = Callable[[int, int], None]
 ALL_TOKENS = ("mean", "max", "none")
@@ -321,6 +321,7 @@ class TCAV:
             raise ConfigError(f"random_runs={random_runs!r} must be an integer >= 2 (the t-test needs a sample)")
         if not 0 < alpha < 1:
             raise ConfigError(f"alpha={alpha!r} must be between 0 and 1")
+        max_examples = check_max_examples(max_examples)
         if layers is None:
             shared = [l for l in concepts[0].concept if all(l in c.concept and l in c.random for c in concepts)]
             layers = shared

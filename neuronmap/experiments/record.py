@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..errors import StorageError
+from ..store.manifest import storage_error
 from .config import Experiment
 from .plan import RUN_RECORD, RunTarget
 
@@ -76,10 +76,12 @@ def write_if_changed(path: Path, text: str) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path} ({error.strerror or error}): check the folder is writable and "
-                           "the disk has space") from None
+    except OSError as error:  # a parent that is a file, no permission, a full disk: one line naming the cause
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself could not be made: no temp file exists
+            pass
+        raise storage_error(error, path) from None
     return True
 
 

@@ -20,7 +20,8 @@ err_console = Console(stderr=True)
 
 MODEL = typer.Option(..., "--model", "-m", help="Registry name, local folder or hub id (loaded with its LM head).")
 OUT = typer.Option(None, "--out", "-o", help="Folder for the artifact (result.json, arrays.npz, figure.html).")
-RUN = typer.Option(None, "--run", help="Store the artifact in this run's analyses/ (shown in the dashboard gallery).")
+RUN = typer.Option(None, "--run", help="Store the artifact in this run's analyses/ (shown in the dashboard gallery) "
+                                        "instead of --out; the run must come from the same model.")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N.")
 OVERWRITE = typer.Option(False, help="Replace an existing result.")
 AS_JSON = typer.Option(False, "--json", help="Print result.json instead of a summary.")
@@ -50,10 +51,29 @@ class ProgressBar:
         self.progress.update(self.task, completed=done, total=total)
 
 
-def load_head_model(model: str, device: str):
+def load_head_model(model: str, device: str, run: Optional[Path] = None):
+    """The model with its LM head; with `run` (the --run destination), also refuse a run of another model."""
     from ..models.loading import load_model
 
-    return load_model(model, device=device, head=True)
+    loaded = load_model(model, device=device, head=True)
+    if run is not None:
+        from ..store import open_run
+        from ._common import check_run_model
+
+        check_run_model(open_run(run), loaded, "store the result with a run of this model (--run), or use --out "
+                                               "FOLDER")
+    return loaded
+
+
+def output_folder(out, run, method: str, params: dict, overwrite: bool) -> Path:
+    """Where the artifact goes: --out or --run, never both (refused before the model is loaded)."""
+    from ..errors import ConfigError
+    from .artifacts import artifact_folder
+
+    if out is not None and run is not None:
+        raise ConfigError("give --out FOLDER or --run RUN, not both: --run stores the artifact in RUN/analyses/, "
+                          "--out in a folder of its own")
+    return artifact_folder(out, run, method, params, overwrite)
 
 
 def build_figure(build: Callable[[], Any]) -> Any:
@@ -71,6 +91,8 @@ def write_artifact(out, run, method: str, params: dict, summary: dict, arrays: d
                    metrics: list[str] | None = None, extra_json: dict | None = None, npy: bool = False):
     from .artifacts import artifact_folder, write_intervention
 
+    # not output_folder: tcav reads its --run and may still write to --out (the intervention commands refused
+    # --out with --run before loading the model)
     folder = artifact_folder(out, run, method, params, overwrite)
     figure = build_figure(lambda: figure_fn(summary))
     artifact = write_intervention(folder, method, params, summary, arrays, figure, extra_json, metrics, n_rows, run,
@@ -107,18 +129,31 @@ def read_pairs(path: Path) -> tuple[list[str], list[str], list | None]:
     """
     import pandas as pd
 
-    from ..errors import ConfigError
+    from ..errors import ConfigError, PromptFileError
     from ..prompts import load_prompts
 
+    path = Path(path)
+    made_by = "write one with `neuronmap generate counterfactual --tokenizer MODEL --out pairs.csv`"
+    if not path.exists():
+        raise PromptFileError(f"pairs file {path} not found: check the path, or {made_by}")
+    if path.is_dir():
+        raise PromptFileError(f"pairs file {path} is a directory: pass a .csv, .jsonl or .parquet file")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame = pd.read_csv(path)
-    elif suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True)
-    elif suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = load_prompts(path)
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = load_prompts(path)
+    except PromptFileError:
+        raise
+    except (OSError, ValueError) as error:  # pandas' parser and empty-data errors are ValueErrors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PromptFileError(f"cannot read pairs file {path} ({reason}): {made_by}, or give columns clean, "
+                              "corrupted") from None
     second = "corrupted" if "corrupted" in frame.columns else "counterfactual"
     if {"clean", second} <= set(frame.columns):
         return frame["clean"].astype(str).tolist(), frame[second].astype(str).tolist(), None
@@ -143,7 +178,7 @@ def metric_target(answer: Optional[str], wrong: Optional[str]) -> Any:
     from ..errors import ConfigError
 
     if wrong is not None and answer is None:
-        raise ConfigError("--wrong needs --answer (the metric is logit[answer] - logit[wrong])")
+        raise ConfigError("--wrong needs --answer (the metric is the logit of --answer minus that of --wrong)")
     if answer is None:
         return None
     return (answer, wrong) if wrong is not None else answer

@@ -41,6 +41,47 @@ def is_causal_lm(loaded: Any) -> bool:
     return bool(can()) if callable(can) else False
 
 
+def position_limit(loaded: Any) -> int | None:
+    """Positions the model can attend over (``max_position_embeddings`` / ``n_positions``), None when unbounded."""
+    config = loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+def check_generation_length(loaded: Any, prompt_tokens: int, max_new_tokens: int, option: str = "--max-new-tokens",
+                            what: str = "the prompt") -> None:
+    """Refuse a generation that runs past the model's positions (it fails deep in the model's embedding otherwise).
+
+    A decoder-only model holds the prompt and the new tokens in one sequence; an encoder-decoder model's
+    decoder holds only the new tokens (after its start token) and its encoder only the prompt.
+    """
+    limit = position_limit(loaded)
+    if not limit:
+        return
+    if getattr(loaded.model.config, "is_encoder_decoder", False):
+        if prompt_tokens > limit:
+            raise ConfigError(f"{what} has {prompt_tokens} tokens but the model has {limit} positions: "
+                              "shorten the prompt")
+        if max_new_tokens + 1 > limit:
+            raise ConfigError(f"{option} {max_new_tokens} needs {max_new_tokens + 1} decoder positions but the model "
+                              f"has {limit}: use {option} <= {limit - 1}")
+        return
+    if prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        fix = f"use {option} <= {room}" if room >= 1 else "shorten the prompt"
+        raise ConfigError(f"{what} ({prompt_tokens} tokens) plus {option} {max_new_tokens} needs "
+                          f"{prompt_tokens + max_new_tokens} positions but the model has {limit}: {fix}")
+
+
+def check_run_model(opened: Any, loaded: Any, fix: str) -> None:
+    """A stored run must come from the loaded model (same config hash), else a ConfigError naming both and `fix`."""
+    expected = getattr(loaded, "config_hash", None)
+    stored = opened.manifest.config_hash
+    if expected and stored and stored != expected:
+        raise ConfigError(f"run {opened.path} was extracted from {opened.manifest.model} (config {stored[:12]}), not "
+                          f"from {loaded.name} (config {expected[:12]}): {fix}")
+
+
 def device_of(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -96,7 +137,12 @@ def target_pair(loaded: Any, target: Any) -> tuple[int, int]:
     """``(answer, wrong)`` -> two token ids."""
     if not isinstance(target, (tuple, list)) or len(target) != 2:
         raise ConfigError(f"target={target!r} must be a pair (answer, wrong) of tokens or token ids")
-    return token_id(loaded, target[0], "answer"), token_id(loaded, target[1], "wrong")
+    answer, wrong = token_id(loaded, target[0], "answer"), token_id(loaded, target[1], "wrong")
+    if answer == wrong:
+        piece = readable_token(loaded.tokenizer.convert_ids_to_tokens(answer))
+        raise ConfigError(f"answer and wrong are the same token {piece!r} (id {answer}), so their logit difference "
+                          "is always 0: give two different tokens")
+    return answer, wrong
 
 
 @dataclass

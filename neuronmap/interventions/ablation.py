@@ -30,8 +30,8 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
-from ._common import (Batch, Metric, Progress, as_prompts, check_batch_size, check_stack, edit_activation, evaluate,
-                      prompt_batch, run_logits, tokenize)
+from ._common import (Batch, Metric, Progress, as_prompts, check_batch_size, check_run_model, check_stack,
+                      edit_activation, evaluate, prompt_batch, run_logits, tokenize)
 from .components import Component, resolve_components
 
 METHODS = ("zero", "mean", "resample")
@@ -240,11 +240,7 @@ def run_means(loaded: Any, components: list[Component], run: Any) -> dict[str, t
     from ..store import open_run
 
     opened = open_run(run)
-    expected = getattr(loaded, "config_hash", None)
-    if expected and opened.manifest.config_hash and opened.manifest.config_hash != expected:
-        raise ConfigError(f"run {opened.path} was extracted from {opened.manifest.model} (config "
-                          f"{opened.manifest.config_hash[:12]}), not from {loaded.name} (config {expected[:12]}): "
-                          "take means from a run of the same model")
+    check_run_model(opened, loaded, "take means from a run of the same model")
     means = {}
     cache: dict[str, np.ndarray] = {}
     for component in components:

@@ -10,6 +10,7 @@ to a temporary name and renamed; ``result.json`` comes last, so a folder with it
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..analysis.artifacts import RESULT_NAME, load_artifact, to_jsonable
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError
+from ..store.manifest import storage_error
 
 UNIT = "model"
 
@@ -40,6 +42,9 @@ def artifact_folder(out: str | os.PathLike | None, run: str | os.PathLike | None
                               "`neuronmap extract`")
         digest = hashlib.sha256(json.dumps(to_jsonable(params), sort_keys=True).encode()).hexdigest()[:12]
         folder = Path(run) / "analyses" / f"{method}-{digest}"
+    if any(path.exists() and not path.is_dir() for path in (folder, *folder.parents)):
+        raise storage_error(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder)),
+                            folder / RESULT_NAME, resumable=False)
     if (folder / RESULT_NAME).exists() and not overwrite:
         raise ConfigError(f"{folder} already holds a result; pass --overwrite or choose another --out")
     return folder
@@ -105,9 +110,8 @@ def write_intervention(folder: Path, method: str, params: dict[str, Any], summar
                 encoding="utf-8"))
         _atomic(folder / RESULT_NAME, lambda p: p.write_text(
             json.dumps(to_jsonable(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8"))
-    except OSError as error:
-        raise StorageError(f"cannot write {folder}: {error.strerror or error}; check that the folder is writable "
-                           "and has free space") from None
+    except OSError as error:  # a parent that is a file, no permission, a full disk: one line each
+        raise storage_error(error, folder / RESULT_NAME, resumable=False) from None
     return load_artifact(folder)
 
 

@@ -82,6 +82,9 @@ class CircuitResult:
 
     def edges(self, max_edges: int | None = None, min_abs: float = 0.0) -> list[dict[str, Any]]:
         """Valid edges by decreasing |score| (at most `max_edges`, |score| >= `min_abs`)."""
+        if max_edges is not None and (isinstance(max_edges, bool) or not isinstance(max_edges, (int, np.integer))
+                                      or max_edges < 1):
+            raise ConfigError(f"max_edges={max_edges!r} must be an integer >= 1, or None for every edge")
         rows, cols = np.nonzero(np.isfinite(self.edge_scores))
         scores = self.edge_scores[rows, cols]
         order = np.argsort(-np.abs(scores), kind="stable")

@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from ._cli_common import (AS_JSON, DEVICE, MODEL, OUT, OVERWRITE, PROGRESS, RUN, ProgressBar, console,
-                          gather_prompts, load_head_model, metric_target, print_written, write_artifact)
+                          gather_prompts, load_head_model, output_folder, metric_target, print_written, write_artifact)
 
 
 def register(app: typer.Typer) -> None:
@@ -48,25 +48,30 @@ def patch(
     as_json: bool = AS_JSON,
 ) -> None:
     """Activation patching: restore clean residual states into the corrupted run, layer by position."""
-    from .artifacts import artifact_folder
+    from ..errors import ConfigError
     from .patching import ActivationPatching
 
     started = time.time()
+    if clean == corrupted:
+        raise ConfigError("--clean and --corrupted are the same prompt: patching restores nothing and the restored "
+                          "fraction is undefined; corrupt the prompt (e.g. swap the name the answer depends on)")
     params = {"model": model, "clean": clean, "corrupted": corrupted, "answer": answer, "wrong": wrong,
               "layers": layers, "positions": positions}
-    artifact_folder(out, run, "patch", params, overwrite)  # refuse early, before loading the model
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "patch", params, overwrite)  # refuse early, before loading the model
+    loaded = load_head_model(model, device, run)
     result = ActivationPatching(loaded, batch_size=batch_size).attribute(
         clean, baselines=corrupted, target=(answer, wrong), layers=layers, positions=positions)
+    if result.clean_diff == result.corrupted_diff:
+        raise ConfigError(f"clean and corrupted prompts give the same logit difference {result.clean_diff:.4f}, so "
+                          "the restored fraction is undefined: choose a corruption that changes the answer")
     summary = {"method": "activation-patching", "model": loaded.name, "clean": clean, "corrupted": corrupted,
                "positions": positions, **result.summary()}
 
     def figure(s):
         from ..viz.interventions import tracing_heatmap
 
-        restored = result.restored if not _all_nan(result.restored) else result.logit_diff
-        return tracing_heatmap(restored, s["layers"], s["tokens"], title="activation patching",
-                               value_title="restored" if restored is result.restored else "logit_diff")
+        return tracing_heatmap(result.restored, s["layers"], s["tokens"], title="activation patching",
+                               value_title="restored")
 
     arrays = {"logit_diff": result.logit_diff, "restored": result.restored}
     artifact = write_artifact(out, run, "patch", params, summary, arrays, figure, overwrite, as_json, started,
@@ -78,12 +83,6 @@ def patch(
                   f"{len(result.layers)} layers x {result.logit_diff.shape[1]} positions")
     console.print(f"largest effect: {best['layer']} position {best['position']} -> logit diff {best['logit_diff']:.4f}")
     print_written(artifact)
-
-
-def _all_nan(array) -> bool:
-    import numpy as np
-
-    return bool(np.isnan(array).all())
 
 
 def trace(
@@ -110,14 +109,13 @@ def trace(
 ) -> None:
     """Causal tracing: noise the subject, restore one state at a time, heatmap of the indirect effect."""
     from ._common import readable_token
-    from .artifacts import artifact_folder
     from .tracing import CausalTracing
 
     started = time.time()
     params = {"model": model, "prompt": prompt, "subject": subject, "target": target, "layers": layers,
               "noise": noise, "samples": samples, "seed": seed, "window": window, "positions": positions}
-    artifact_folder(out, run, "trace", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "trace", params, overwrite)
+    loaded = load_head_model(model, device, run)
     with ProgressBar(progress and not as_json, "tracing") as bar:
         result = CausalTracing(loaded, batch_size=batch_size).attribute(
             prompt, subject=subject, target=target, layers=layers, noise=noise, samples=samples, seed=seed,
@@ -169,15 +167,14 @@ def ablate(
 ) -> None:
     """Ablate heads, MLPs or neurons (zero, mean, resample) and report the change of loss or logit difference."""
     from .ablation import Ablation
-    from .artifacts import artifact_folder
 
     started = time.time()
     texts = gather_prompts(prompt, prompts, "prompt")
     target = metric_target(answer, wrong)
     params = {"model": model, "prompts": texts, "layers": components, "method": method, "target": target,
               "baselines": baseline or None, "mean_run": str(mean_run) if mean_run else None, "together": together}
-    artifact_folder(out, run, "ablate", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "ablate", params, overwrite)
+    loaded = load_head_model(model, device, run)
     with ProgressBar(progress and not as_json, "ablating") as bar:
         result = Ablation(loaded, batch_size=batch_size).attribute(
             texts, method=method, target=target, layers=components, baselines=baseline or None, run=mean_run,
@@ -229,7 +226,6 @@ def steer(
     import numpy as np
 
     from ..errors import ConfigError
-    from .artifacts import artifact_folder
     from .steering import Steering, contrast_direction, load_direction, run_direction
 
     started = time.time()
@@ -243,14 +239,14 @@ def steer(
               "direction": str(direction) if direction else None, "positive": positive or None,
               "negative": negative or None, "from_run": str(from_run) if from_run else None, "labels": labels,
               "positive_label": positive_label, "negative_label": negative_label}
-    artifact_folder(out, run, "steer", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "steer", params, overwrite)
+    loaded = load_head_model(model, device, run)
     if direction is not None:
         vector = direction
     elif from_run is not None:
         if not (labels and positive_label is not None and negative_label is not None):
             raise ConfigError("--from-run needs --labels COLUMN, --positive-label and --negative-label")
-        vector = run_direction(from_run, layer, labels, positive_label, negative_label)
+        vector = run_direction(from_run, layer, labels, positive_label, negative_label, loaded=loaded)
     else:
         if not (positive and negative):
             raise ConfigError("a contrast direction needs both --positive and --negative prompts")

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from ._cli_common import (AS_JSON, DEVICE, MODEL, OUT, OVERWRITE, PROGRESS, RUN, ProgressBar, console,
-                          gather_prompts, load_head_model, print_written, read_pairs, write_artifact)
+                          gather_prompts, load_head_model, output_folder, print_written, read_pairs, write_artifact)
 
 
 def heads(
@@ -35,16 +35,18 @@ def heads(
     progress: bool = PROGRESS,
 ) -> None:
     """Per-head entropy, previous-token score, induction score and ablation importance."""
-    from .artifacts import artifact_folder
+    from ..errors import ConfigError
     from .heads import HeadStatistics
 
     started = time.time()
     texts = gather_prompts(prompt, prompts, "prompt", required=False) or None
+    if importance not in ("zero", "mean", "none", "auto", ""):
+        raise ConfigError(f"--importance {importance!r} must be one of zero, mean, none, auto")
     importance = None if importance in ("none", "") else importance
     params = {"model": model, "prompts": texts, "layers": layers, "seq_len": seq_len, "n_sequences": n_sequences,
               "seed": seed, "importance": importance}
-    artifact_folder(out, run, "heads", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "heads", params, overwrite)
+    loaded = load_head_model(model, device, run)
     if importance == "auto":
         from ._common import is_causal_lm
 
@@ -97,7 +99,6 @@ def circuit(
     import numpy as np
 
     from ..errors import ConfigError
-    from .artifacts import artifact_folder
     from .circuits import AttributionPatching
 
     started = time.time()
@@ -113,11 +114,15 @@ def circuit(
             raise ConfigError("give both --answer and --wrong")
         targets = (answer, wrong)
     if targets is None:
-        raise ConfigError("give --answer and --wrong (or a pairs file with answer_token_id, wrong_answer_token_id)")
+        raise ConfigError("give --answer and --wrong (or a pairs file with answer_token_id, wrong_answer_token_id: "
+                          "`neuronmap generate counterfactual --tokenizer MODEL` writes those columns)")
+    if isinstance(max_edges, bool) or not isinstance(max_edges, int) or max_edges < 1:
+        raise ConfigError(f"--max-edges {max_edges!r} must be an integer >= 1 (the strongest edges kept in "
+                          "graph.json)")
     params = {"model": model, "clean": clean_texts, "corrupted": corrupted_texts, "target": targets, "layers": layers,
               "max_edges": max_edges}
-    artifact_folder(out, run, "circuit", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "circuit", params, overwrite)
+    loaded = load_head_model(model, device, run)
     with ProgressBar(progress and not as_json, "attribution patching") as bar:
         result = AttributionPatching(loaded, batch_size=batch_size).attribute(
             clean_texts, baselines=corrupted_texts, target=targets, layers=layers, progress=bar)
@@ -163,7 +168,6 @@ def counterfactual(
 ) -> None:
     """Counterfactual pairs: per-layer change of the states and the next-token tokens that changed most."""
     from ..errors import ConfigError
-    from .artifacts import artifact_folder
     from .counterfactual import Counterfactual
 
     started = time.time()
@@ -174,8 +178,8 @@ def counterfactual(
     if not originals:
         raise ConfigError("give --prompt/--counterfactual pairs or --pairs FILE")
     params = {"model": model, "inputs": originals, "baselines": others, "layers": layers, "top_k": top_k}
-    artifact_folder(out, run, "counterfactual", params, overwrite)
-    loaded = load_head_model(model, device)
+    output_folder(out, run, "counterfactual", params, overwrite)
+    loaded = load_head_model(model, device, run)
     with ProgressBar(progress and not as_json, "pairs") as bar:
         result = Counterfactual(loaded).attribute(originals, baselines=others, layers=layers, top_k=top_k,
                                                   progress=bar)

@@ -26,7 +26,7 @@ import torch
 from ..capture import Capture
 from ..errors import ConfigError
 from ._common import (Batch, Metric, Progress, as_prompts, check_batch_size, check_stack, is_causal_lm, make_batch,
-                      prompt_batch)
+                      position_limit, prompt_batch)
 from .ablation import Ablation
 from .components import Component, head_site
 
@@ -139,7 +139,7 @@ class HeadStatistics:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
         if importance not in (None, "zero", "mean"):
-            raise ConfigError(f"importance={importance!r} must be None, 'zero' or 'mean'")
+            raise ConfigError(f"importance={importance!r} must be 'zero', 'mean' or None (no ablation)")
         if importance and inputs is None and not is_causal_lm(self.loaded):
             raise ConfigError(f"model {self.loaded.name} is not a next-token model, so the loss on repeated random "
                               "tokens that head importance uses does not exist: pass prompts and target=(answer, "
@@ -147,8 +147,7 @@ class HeadStatistics:
         blocks = self._blocks(layers)
         sites = [head_site(self.loaded.adapter, f"blocks.{b}.attn") for b in blocks]
         n_heads = sites[0].n_heads
-        limit = getattr(self.loaded.model.config, "max_position_embeddings", None) or \
-            getattr(self.loaded.model.config, "n_positions", None)
+        limit = position_limit(self.loaded)
         if limit and 2 * seq_len + 1 > limit:
             raise ConfigError(f"seq_len={seq_len}: the repeated sequence (2 x {seq_len} + BOS) exceeds the model's "
                               f"{limit} positions; use seq_len <= {(limit - 1) // 2}")

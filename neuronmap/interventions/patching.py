@@ -32,7 +32,7 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
-from ._common import token_id
+from ._common import target_pair
 
 BLOCK = re.compile(r"^blocks\.\d+$")
 
@@ -161,7 +161,7 @@ class ActivationPatching:
             raise ConfigError(f"clean prompt has {clean_ids.shape[1]} tokens but corrupted prompt has "
                               f"{corrupted_ids.shape[1]}: patching pairs positions, so reword one prompt to the "
                               "same token length")
-        answer, wrong = (token_id(self.loaded, token, name) for token, name in zip(self._pair(target), ("answer", "wrong")))
+        answer, wrong = target_pair(self.loaded, target)
         refs = self._block_refs(layers)
         n = clean_ids.shape[1]
 
@@ -216,12 +216,6 @@ class ActivationPatching:
             raise ConfigError(f"prompt {text!r} must be a non-empty string")
         ids = self.loaded.tokenizer(text, return_tensors="pt")["input_ids"]
         return ids
-
-    @staticmethod
-    def _pair(target: Any) -> tuple[Any, Any]:
-        if not isinstance(target, (tuple, list)) or len(target) != 2:
-            raise ConfigError(f"target={target!r} must be a pair (answer, wrong) of tokens or token ids")
-        return target[0], target[1]
 
     def _block_refs(self, layers: str | Sequence[str]) -> list:
         refs = self.loaded.adapter.resolve(layers)

@@ -24,8 +24,8 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
-from ._common import (as_prompts, check_stack, device_of, edit_activation, hidden_refs, is_causal_lm, make_batch,
-                      run_logits, tokenize)
+from ._common import (as_prompts, check_generation_length, check_run_model, check_stack, device_of, edit_activation,
+                      hidden_refs, is_causal_lm, make_batch, run_logits, tokenize)
 
 
 @dataclass
@@ -108,6 +108,9 @@ class Steering:
             raise ConfigError(f"alpha={alpha!r} must be a finite number")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        for prompt in prompts:  # past the model's positions generate fails inside the embedding
+            check_generation_length(self.loaded, len(tokenize(self.loaded, prompt)), max_new_tokens,
+                                    what=f"prompt {prompt[:40]!r}")
         ref = one_layer(self.loaded, layers, "steering")
         vector = load_direction(direction)
         width = layer_width(self.loaded, ref, prompts[0])
@@ -218,11 +221,18 @@ def contrast_direction(loaded: Any, positive: Sequence[str], negative: Sequence[
     return (means[0] - means[1]).numpy().astype(np.float32)
 
 
-def run_direction(run: Any, layer: str, labels: str, positive: Any, negative: Any) -> np.ndarray:
-    """Difference of the class means of a stored run's `layer` rows: label `positive` minus label `negative`."""
+def run_direction(run: Any, layer: str, labels: str, positive: Any, negative: Any,
+                  loaded: Any = None) -> np.ndarray:
+    """Difference of the class means of a stored run's `layer` rows: label `positive` minus label `negative`.
+
+    With `loaded` (the model to be steered), a run extracted from another model is refused: its direction
+    lives in another activation space, even when the widths agree.
+    """
     from ..store import open_run
 
     opened = open_run(run)
+    if loaded is not None:
+        check_run_model(opened, loaded, "steer with a direction from a run of the same model")
     if layer not in opened.layers:
         raise ConfigError(f"run {opened.path} has no layer {layer!r}; it holds {', '.join(opened.layers)}")
     prompts = opened.prompts

@@ -79,8 +79,9 @@ def generate(
     if kind == "template" and prompts is not None:
         raise ConfigError(f"--prompts seeds the local/ollama backends; template family {family!r} needs none: drop it")
 
-    from neuronmap.questions.output import save_prompts
+    from neuronmap.questions.output import check_output, save_prompts
 
+    check_output(out, overwrite)  # before minutes of sampling, not after
     seeds = _seed_prompts(prompts, text_column)
     if kind == "template":
         from neuronmap.questions.families import generate_prompts
@@ -95,7 +96,8 @@ def generate(
 
         _quiet_transformers()
         with console.status(f"sampling {count} texts from {model}", spinner="dots") if not as_json else nullcontext():
-            df = generate_local(model, count, seed, prompts=seeds, max_new_tokens=max_new_tokens or 32,
+            df = generate_local(model, count, seed, prompts=seeds,
+                                max_new_tokens=32 if max_new_tokens is None else max_new_tokens,
                                 temperature=1.0 if temperature is None else temperature, top_p=top_p,
                                 min_words=min_words, max_words=max_words, batch_size=batch_size, device=device,
                                 include_prompt=include_prompt)
@@ -108,7 +110,7 @@ def generate(
 
         with console.status(f"asking {name} at {ollama_url}", spinner="dots") if not as_json else nullcontext():
             df = generate_ollama(name, count, seed, url=ollama_url, prompts=seeds,
-                                 max_new_tokens=max_new_tokens or 256,
+                                 max_new_tokens=256 if max_new_tokens is None else max_new_tokens,
                                  temperature=0.8 if temperature is None else temperature, min_words=min_words,
                                  max_words=max_words, stream=stream, timeout=timeout, retries=retries)
         what = f"Ollama model {name}"

@@ -70,6 +70,7 @@ def generate_local(model: Any, count: int, seed: int = 0, *, prompts: Sequence[s
     """
     import torch
 
+    from neuronmap.interventions._common import check_generation_length
     from neuronmap.models import load_model
 
     count, seed = check_count(count), check_seed(seed)
@@ -95,6 +96,9 @@ def generate_local(model: Any, count: int, seed: int = 0, *, prompts: Sequence[s
     if not (hasattr(lm, "can_generate") and lm.can_generate()):
         raise ConfigError(f"model {loaded.name!r} ({type(lm).__name__}) cannot generate text: pass a causal "
                           "language model (GPT-2, Llama, Qwen2, ...) or a seq2seq model (T5) to --model")
+    longest = max((p for _, p in topic_prompts), key=lambda p: len(tokenizer(p)["input_ids"]))
+    check_generation_length(loaded, len(tokenizer(longest)["input_ids"]), max_new_tokens,
+                            what=f"seed prompt {longest[:40]!r}")
     generation: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if temperature > 0:
         generation.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))

@@ -145,6 +145,11 @@ def usable_rows(rows: tuple[dict[str, Any], ...], length: LengthFilter) -> list[
 def too_many(family: str, asked: int, available: int, length: LengthFilter, unit: str = "prompts") -> ConfigError:
     """The error for a count larger than the family's space."""
     widen = ", or widen --min-words/--max-words" if length.describe() else ""
+    if available == 0:
+        loosen = [fix for fix, bound in (("lower --min-words", length.min_words), ("raise --max-words",
+                                                                                   length.max_words)) if bound]
+        return ConfigError(f"template family {family!r} has no {unit}{length.describe()}: "
+                           f"{' or '.join(loosen) or 'choose another family'}")
     return ConfigError(f"template family {family!r} has only {available} distinct {unit}{length.describe()} "
                        f"(asked for {asked}): pass --count {available} or less{widen}")
 

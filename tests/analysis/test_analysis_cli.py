@@ -1,6 +1,7 @@
 """`neuronmap analyze` end to end on a run extracted from a tiny model, and on synthetic runs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,25 @@ def test_parse_param_values():
     assert parse_param("method=exact") == ("method", "exact")
     with pytest.raises(ConfigError, match="key=value"):
         parse_param("=3")
+
+
+def test_printed_artifact_files_are_the_files_written(capsys, extracted):
+    for analysis, has_arrays in (("cka", False), ("evolution", False), ("stats", True)):
+        code, out, err = run_cli(capsys, "analyze", extracted, analysis)
+        assert code == 0, err
+        path, listed = out.split("artifact:")[1].strip().split(" (", 1)
+        listed = listed.rstrip(")\n").replace("\n", "").split(", ")
+        assert sorted(listed) == sorted(p.name for p in (extracted / "analyses" / Path(path).name).iterdir())
+        assert listed[:2] == ["result.json", "params.json"] and ("arrays.npz" in listed) == has_arrays
+
+
+def test_damaged_artifact_error_suggests_force(capsys, extracted):
+    code, out, _ = run_cli(capsys, "analyze", extracted, "stats", "-l", "blocks.0", "--json")
+    folder = extracted / "analyses" / json.loads(out)["id"]
+    (folder / "result.json").write_text("{bad", encoding="utf-8")
+    code, _, err = run_cli(capsys, "analyze", extracted, "stats", "-l", "blocks.0")
+    assert code == 2
+    one_line_error(err, "cannot read", "result.json", "damaged", "pass --force")
+    code, _, err = run_cli(capsys, "analyze", extracted, "stats", "-l", "blocks.0", "--force")
+    assert code == 0, err
+    assert json.loads((folder / "result.json").read_text())["id"] == folder.name

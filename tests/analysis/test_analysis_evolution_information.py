@@ -131,3 +131,19 @@ def test_layer_mi_cli_equals_layer_mutual_information(capsys, run):
         assert result["units"][unit]["metrics"]["mi_fraction"] == pytest.approx(mi[0, 0] / 2, rel=1e-12)
     with pytest.raises(ConfigError, match=r"n_components=7 must be between 1 and min\(n_samples, n_features\)=6"):
         analyze(run, "layer-mi", layers="embed,blocks.0", params={"n_components": 7})
+
+
+@pytest.mark.parametrize("analysis, extra, bins", [("entropy", [], "1000000000"),
+                                                   ("mutual-info", ["--labels", "topic"], "1e9"),
+                                                   ("layer-mi", ["-l", "blocks.0,blocks.1"], "1e8")])
+def test_bins_above_the_rows_are_one_line_and_write_nothing(capsys, run, analysis, extra, bins):
+    layers = [] if "-l" in extra else ["-l", "blocks.2"]
+    before = sorted(p.name for p in (run / "analyses").iterdir()) if (run / "analyses").exists() else []
+    assert main(["analyze", str(run), analysis, *layers, *extra, "--param", f"bins={bins}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert f"bins={int(float(bins))} is more than the 150 rows of layer" in err
+    assert f"e.g. bins={16 if analysis == 'layer-mi' else 32}" in err  # the analysis default
+    after = sorted(p.name for p in (run / "analyses").iterdir()) if (run / "analyses").exists() else []
+    assert after == before

@@ -11,9 +11,9 @@ from pydantic import Field
 
 from analysistest_util import write_per_token_run, write_synthetic_run
 from neuronmap.analysis import AnalysisResult, Params, analyze, get_analysis, list_analyses, list_artifacts, register
-from neuronmap.analysis.artifacts import load_artifact
+from neuronmap.analysis.artifacts import load_artifact, unreadable_artifacts
 from neuronmap.analysis.registry import unregister
-from neuronmap.errors import ConfigError, StorageError, UnknownLayerError
+from neuronmap.errors import ConfigError, RunFormatError, StorageError, UnknownLayerError
 from neuronmap.store import RunWriter, open_run
 
 CALLS = {"count": 0}
@@ -256,3 +256,32 @@ def test_stale_temp_folders_of_crashed_writers_are_removed(run):
     analyze(run, "test-count", layers="blocks.0")
     assert not (root / ".tmp-old-1-abcd").exists() and (root / ".tmp-fresh-1-abcd").exists()
     assert [a.analysis for a in list_artifacts(run)] == ["test-count"]
+
+
+def test_a_range_reaching_past_the_runs_layers_is_an_error_as_when_extracting(run):
+    with pytest.raises(UnknownLayerError, match=r"layer 'blocks.0-7' is not in run .* \(no blocks.\{3-7\}\); it holds: "
+                                                r".*blocks.\{0-2\}"):
+        analyze(run, "stats", layers="blocks.0-7")  # was: quietly blocks.0-2
+    with pytest.raises(UnknownLayerError, match=r"bad layer range 'blocks.2-0': write ranges low-high"):
+        analyze(run, "stats", layers="blocks.2-0")
+    assert not (run / "analyses").exists() or not any((run / "analyses").iterdir())
+    assert analyze(run, "stats", layers="blocks.0-2").units == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_damaged_result_json_names_the_fix(run):
+    first = analyze(run, "test-count", layers="blocks.0")
+    (first.path / "result.json").write_text("{bad", encoding="utf-8")
+    assert list_artifacts(run) == []  # skipped by listings ...
+    with pytest.raises(RunFormatError, match=r"cannot read .*result.json \(.*\): the existing artifact is damaged; "
+                                             r"pass --force to recompute and replace it"):
+        analyze(run, "test-count", layers="blocks.0")  # ... and asking for it again says how to repair it
+    with pytest.raises(RunFormatError, match=r"the artifact is damaged; recompute it .*--force.* or delete "):
+        load_artifact(first.path)
+    (first.path / "result.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(RunFormatError, match="not an artifact's result"):
+        load_artifact(first.path)
+    assert [path.name for path, _ in unreadable_artifacts(run)] == [first.id]
+    repaired = analyze(run, "test-count", layers="blocks.0", force=True)
+    assert repaired.id == first.id and load_artifact(first.path).metrics("blocks.0") == repaired.metrics("blocks.0")
+    assert unreadable_artifacts(run) == []
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]

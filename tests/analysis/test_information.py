@@ -141,3 +141,27 @@ def test_layer_mutual_information_limits():
     assert np.abs(corrected).max() < 0.5 * bias and (corrected < 0).any()  # unbiased: scatters around 0
     with pytest.raises(ConfigError, match=r"n_components=7 must be between 1 and min\(n_samples, n_features\)=6"):
         I.layer_mutual_information(X, rotated, n_components=7)
+
+
+def test_bins_are_at_most_the_rows():
+    rng = np.random.default_rng(6)
+    X, labels = rng.normal(size=(50, 3)), np.array(["a", "b"] * 25)
+    for call in (lambda b: I.entropy(X, bins=b), lambda b: I.mutual_information(X, labels, bins=b),
+                 lambda b: I.layer_mutual_information(X, X, bins=b)):
+        with pytest.raises(ConfigError, match="bins=1000000000 is more than the 50 rows: use at most one bin per row"):
+            call(1_000_000_000)  # was a MemoryError allocating the counts
+        assert np.isfinite(call(50)).all()  # one bin per row is the largest allowed
+    few = X[:10]  # a run of a few rows keeps working with the default bins (32; 16 for layer-mi)
+    assert np.isfinite(I.entropy(few)).all() and np.isfinite(I.layer_mutual_information(few, few)).all()
+    with pytest.raises(ConfigError, match="bins=33 is more than the 10 rows"):
+        I.entropy(few, bins=33)
+
+
+@pytest.mark.parametrize("correction", ["none", "miller-madow"])
+def test_sparse_pair_mutual_information_equals_the_dense_table(correction):
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 12, 300)
+    b = (a + rng.integers(0, 3, 300)) % 12
+    joint = np.bincount(a * 12 + b, minlength=144).reshape(1, 12, 12)
+    assert I._binned_mi_pair(a, b, 12, correction) == pytest.approx(float(I._mi_bits(joint, 300, correction)[0]),
+                                                                     rel=1e-12, abs=1e-12)

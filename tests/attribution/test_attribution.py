@@ -189,3 +189,17 @@ def test_artifact_figure_shows_every_method_score(gpt2, tmp_path):
     np.testing.assert_allclose(np.asarray(heatmap.customdata, dtype=float), np.stack([scores["ig"], scores["grad-x-input"]]))
     for row, method in zip(np.asarray(heatmap.z, dtype=float), ("ig", "grad-x-input")):
         np.testing.assert_allclose(row, scores[method] / np.abs(scores[method]).max())
+
+
+def test_cli_out_inside_a_regular_file_names_that_file(tiny_model_dir, tmp_path, capsys):
+    from neuronmap.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder\n")
+    for out in (blocker / "sub", blocker):
+        code = main(["attribute", "-m", str(tiny_model_dir("gpt2")), "-t", TEXT, "--method", "saliency", "-o",
+                     str(out), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{blocker} is a file, not a folder" in err and "choose another output path" in err, err
+    assert blocker.read_text() == "not a folder\n"

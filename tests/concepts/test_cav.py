@@ -9,7 +9,7 @@ import pytest
 from concepttest_util import one_line_error, run_cli, write_run
 
 from neuronmap.analysis.runner import analyze
-from neuronmap.concepts.cav import cav_runs, cosine_matrix, fit_cav, split_by_label
+from neuronmap.concepts.cav import cav_runs, cosine_matrix, fit_cav, label_text, split_by_label
 from neuronmap.errors import ConfigError
 
 D = 32
@@ -140,3 +140,32 @@ def test_cav_cli_and_figure(planted, capsys):
     names = [trace.name for trace in figure.data]
     assert "a" in names and "b" in names
     assert any(trace.type == "heatmap" for trace in figure.data)
+
+
+def test_max_examples_must_be_at_least_two():
+    rng = np.random.default_rng(0)
+    concept, random = rng.standard_normal((20, 4)), rng.standard_normal((40, 4))
+    for bad in (0, 1, -4, True):
+        with pytest.raises(ConfigError, match=r"max_examples=.* must be an integer >= 2"):
+            cav_runs(concept, random, n_runs=2, max_examples=bad)
+    assert cav_runs(concept, random, n_runs=2, max_examples=2).size == 2
+
+
+def test_boolean_label_values_match_true_false_in_any_case(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    flag = np.arange(40) % 2 == 0
+    x = rng.standard_normal((40, 6)).astype(np.float32) + flag[:, None] * 3.0
+    run = write_run(tmp_path / "run", {"blocks.0": x}, labels={"is_question": flag.tolist()})
+    c, r = split_by_label(flag, "true")
+    assert c.tolist() == np.flatnonzero(flag).tolist() and r.tolist() == np.flatnonzero(~flag).tolist()
+    assert label_text(flag, "FALSE") == "False" and label_text(flag, True) == "True"
+    results = []
+    for typed in ("true", "True", "TRUE"):
+        code, out, err = run_cli(capsys, "analyze", run, "cav", "--labels", "is_question", "--param",
+                                 f"concept={typed}", "--json")
+        assert code == 0, err
+        results.append(json.loads(out)["units"]["blocks.0"]["metrics"])
+    assert all(m["concepts"] == ["True"] and m["accuracy:True"] == results[0]["accuracy:True"] for m in results)
+    code, _, err = run_cli(capsys, "analyze", run, "cav", "--labels", "is_question", "--param", "concept=maybe")
+    assert code == 2 and "'maybe' is not a value of label column 'is_question'; its values: False, True" in \
+        one_line_error(err)

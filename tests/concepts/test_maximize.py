@@ -120,3 +120,46 @@ def test_maximize_command(tiny_model_dir, tmp_path, capsys):
                                tmp_path / "e", "--device", "cpu", "--no-progress")
         assert code == 2, (argv, err)
         assert expected in one_line_error(err)
+
+
+def test_length_is_bounded_by_the_models_positions(tiny_model_dir, tmp_path, capsys):
+    from neuronmap.concepts.maximisation import position_limit
+    from neuronmap.models.loading import load_model
+
+    loaded = load_model(tiny_model_dir("gpt2"), device="cpu")
+    assert position_limit(loaded.model) == loaded.model.config.n_positions == 256
+    method = ActivationMaximisation(loaded)
+    with pytest.raises(ConfigError, match="length=257 is more than the 256 positions the model has: use --length 256"):
+        method.maximize("blocks.1.mlp:1", length=257, steps=1)
+    assert no_hooks(loaded.model)
+    full = method.maximize("blocks.1.mlp:1", length=256, steps=0, n_random=0, n_nearest=1)
+    assert full.embeddings.shape == (256, 64)  # the limit itself works
+    for length in ("300", "100000"):
+        code, _, err = run_cli(capsys, "maximize", "-m", tiny_model_dir("gpt2"), "--neuron", "blocks.1.mlp:1",
+                               "--length", length, "--steps", "5", "--out", tmp_path / "m", "--device", "cpu",
+                               "--no-progress")
+        assert code == 2, err
+        assert f"length={length} is more than the 256 positions" in one_line_error(err)
+        assert err.startswith("error:")  # refused before the progress bar: no blank line above it
+        assert not (tmp_path / "m").exists()
+
+
+def test_random_baseline_is_bounded_streamed_and_holds_no_layer_output(tiny_model_dir, tmp_path, capsys):
+    from neuronmap.concepts.maximisation import MAX_RANDOM
+    from neuronmap.models.loading import load_model
+
+    loaded = load_model(tiny_model_dir("gpt2"), device="cpu")
+    with pytest.raises(ConfigError, match=f"n_random={MAX_RANDOM + 1} must be <= {MAX_RANDOM}"):
+        ActivationMaximisation(loaded).maximize("blocks.1.mlp:1", steps=1, n_random=MAX_RANDOM + 1)
+    code, _, err = run_cli(capsys, "maximize", "-m", tiny_model_dir("gpt2"), "--neuron", "blocks.1.mlp:1", "--random",
+                           "100000000", "--steps", "5", "--out", tmp_path / "m", "--device", "cpu", "--no-progress")
+    assert code == 2 and "n_random=100000000 must be <= 10000" in one_line_error(err) and err.startswith("error:")
+    assert not (tmp_path / "m").exists()
+    # Drawn batch by batch, the baseline is the same whatever the batch size (and as one draw of all prompts).
+    small = ActivationMaximisation(loaded, batch_size=3).maximize("blocks.1.mlp:1", length=4, steps=2, n_random=10)
+    large = ActivationMaximisation(loaded, batch_size=32).maximize("blocks.1.mlp:1", length=4, steps=2, n_random=10)
+    np.testing.assert_allclose(small.random_activations, large.random_activations, rtol=1e-5, atol=1e-6)
+    # Each batch's values own their memory: a view would keep the layer's (batch, tokens, units) output alive.
+    ref = loaded.adapter.resolve("blocks.1.mlp")[0]
+    values = ActivationMaximisation(loaded).activation_of_ids(torch.randint(5, 100, (32, 8)), ref, 1, -1)
+    assert values.shape == (32,) and values.untyped_storage().nbytes() == 32 * values.element_size()

@@ -218,3 +218,24 @@ def test_tcav_command_errors_are_one_line(gpt2_run, tiny_model_dir, tmp_path, ca
         code, _, err = run_cli(capsys, "tcav", *argv, *base)
         assert code == 2, (argv, err)
         assert expected in one_line_error(err), err
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-4"])
+def test_tcav_max_examples_below_two_is_one_line_and_writes_nothing(gpt2_run, tiny_model_dir, tmp_path, capsys, value):
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "tcav", "-m", tiny_model_dir("gpt2"), "--run", gpt2_run, "--labels", "topic",
+                           "--concept", "animal", "--target", "token: the", "--input", "the cat", "--max-examples",
+                           value, "--device", "cpu", "--no-progress", "--out", out)
+    assert code == 2, err
+    assert f"--max-examples {value} must be an integer >= 2" in one_line_error(err) and err.startswith("error:")
+    assert not out.exists()
+
+
+def test_tcav_attribute_checks_max_examples_before_any_forward(tiny_model):
+    loaded = tiny_model("gpt2", head=True)
+    rows = np.random.default_rng(0).standard_normal((10, D))
+    concept = ConceptExamples("c", {"blocks.0": rows}, {"blocks.0": rows + 1})
+    for bad in (0, -4, 1, True, 2.5):
+        with pytest.raises(ConfigError, match=r"max_examples=.* must be an integer >= 2"):
+            TCAV(loaded).attribute(["the cat"], concept, target="token: the", layers="blocks.0", max_examples=bad)
+    assert no_hooks(loaded.model)

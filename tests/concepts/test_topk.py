@@ -139,3 +139,17 @@ def test_cli_and_errors(sample_run, capsys):
         code, _, err = run_cli(capsys, "analyze", sample_run, "top-activations", "--param", param)
         assert code == 2, (param, err)
         assert expected in one_line_error(err)
+
+
+def test_k_above_the_rows_is_one_line_and_k_equal_to_the_rows_ranks_all(sample_run, capsys):
+    before = sorted(p.name for p in (sample_run / "analyses").iterdir()) if (sample_run / "analyses").exists() else []
+    code, _, err = run_cli(capsys, "analyze", sample_run, "top-activations", "--param", "k=100000000")
+    assert code == 2, err
+    assert "k=100000000 is more than the 530 rows of the selected layers" in one_line_error(err)
+    after = sorted(p.name for p in (sample_run / "analyses").iterdir()) if (sample_run / "analyses").exists() else []
+    assert after == before
+    artifact = analyze(sample_run, "top-activations", layers="blocks.1", params={"neuron": [0], "k": 530})
+    x = _read_h5(sample_run, "blocks.1")
+    values, rows = _reference(x[:, [0]], 530)
+    np.testing.assert_array_equal(artifact.array("values@blocks.1", "run"), values)
+    np.testing.assert_array_equal(artifact.array("rows@blocks.1", "run"), rows)

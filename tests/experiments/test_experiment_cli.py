@@ -72,3 +72,23 @@ def test_failed_step_exit_code(write_experiment, tmp_path, gpt2_dir, capsys, mon
     failed = [line for line in out.splitlines() if line.startswith("✗")]
     assert len(failed) == 1 and "analyze pca on gpt2-seed0: failed: n_components=100" in failed[0]
     assert "✓ analyze stats on gpt2-seed0: done" in out and "1 step(s) failed" in out
+
+
+def test_output_dir_inside_a_regular_file_is_one_line(write_experiment, tmp_path, gpt2_dir, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "afile").write_text("x")
+    path = write_experiment(f"""
+    name: blocked
+    prompts: {{file: builtin:questions, limit: 12}}
+    model: {gpt2_dir}
+    layers: blocks.0
+    analyses:
+      - name: stats
+    outputs: {{dir: {tmp_path / 'bad' / 'afile' / 'out'}}}
+    """.replace("\n    ", "\n"))
+    assert main(["run", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: could not write "), lines
+    assert f"{tmp_path / 'bad' / 'afile'} is a file, not a folder" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["afile"]
+    assert (tmp_path / "bad" / "afile").read_text() == "x"

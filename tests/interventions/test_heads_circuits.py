@@ -95,6 +95,15 @@ def test_bad_input(induction, tiny_model):
         HeadStatistics(induction).attribute(seq_len=30)
     with pytest.raises(ConfigError, match="importance=None"):
         HeadStatistics(tiny_model("bert", head=True)).attribute(seq_len=4, n_sequences=1, importance="zero")
+    with pytest.raises(ConfigError, match="importance='nosuch' must be 'zero', 'mean' or None"):
+        HeadStatistics(induction).attribute(seq_len=4, n_sequences=1, importance="nosuch")
+    with pytest.raises(ConfigError, match="same token 'e'"):
+        AttributionPatching(induction).attribute(CLEAN, baselines=CORRUPT, target=("e", "e"))
+    result = AttributionPatching(induction).attribute(CLEAN, baselines=CORRUPT, target=("e", "p"))
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ConfigError, match=f"max_edges={bad!r} must be an integer >= 1"):
+            result.graph(max_edges=bad)
+    assert len(result.edges(None)) == np.isfinite(result.edge_scores).sum()
     assert hooks_left(induction.model) == 0
 
 

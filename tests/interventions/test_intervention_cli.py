@@ -111,3 +111,78 @@ def test_pairs_file_from_the_counterfactual_generator_layout(capsys, tmp_path, i
     assert result["clean_metric"] == pytest.approx(10.0, abs=1e-3)
     assert ("blocks.0.attn.heads.1", "blocks.1.attn.heads.0") in [(e["source"], e["target"])
                                                                    for e in result["top_edges"][:3]]
+
+
+def test_more_user_mistakes_exit_2_with_one_line(capsys, tmp_path, gpt2_dir):
+    """Audit findings: each is one `error:` line naming the fix, exit 2, and no artifact left behind."""
+    import pandas as pd
+
+    no_ids = tmp_path / "pairs.csv"  # `generate counterfactual` without --tokenizer: no answer token ids
+    pd.DataFrame({"pair_id": [0, 0], "role": ["clean", "corrupted"], "text": ["a b c d e", "a b the d e"]}) \
+        .to_csv(no_ids, index=False)
+    patch = ["patch", "--clean", "a b c d e", "--corrupted", "a b the d e"]
+    cases = [
+        (["steer", "-p", "the cat", "-l", "blocks.1", "--positive", "a", "--negative", "b", "--max-new-tokens",
+          "300"], ["needs 304 positions", "has 256", "--max-new-tokens <= 252"]),
+        (["steer", "-p", "the cat", "-l", "blocks.1", "--positive", "a", "--negative", "b", "--max-new-tokens",
+          "100000000"], ["has 256", "--max-new-tokens <= 252"]),
+        (["counterfactual", "--pairs", tmp_path / "nosuch.csv"], ["pairs file", "nosuch.csv", "not found"]),
+        (["circuit", "--pairs", tmp_path / "nosuch.csv"], ["pairs file", "nosuch.csv", "not found"]),
+        (["circuit", "--pairs", no_ids], ["--answer and --wrong", "generate counterfactual --tokenizer MODEL"]),
+        (["circuit", "--clean", "a b c d e", "--corrupted", "a b the d e", "--answer", " c", "--wrong", " the",
+          "--max-edges", "-1"], ["--max-edges -1", ">= 1"]),
+        (["heads", "--importance", "nosuch"], ["'nosuch'", "zero, mean, none, auto"]),
+        ([*patch, "--answer", " c", "--wrong", " c"], ["same token", "give two different tokens"]),
+        (["patch", "--clean", "a b c d e", "--corrupted", "a b c d e", "--answer", " c", "--wrong", " the"],
+         ["same prompt", "corrupt the prompt"]),
+    ]
+    for argv, words in cases:
+        out = tmp_path / "x"
+        code, _, err = run_cli(capsys, argv[0], "-m", gpt2_dir, *argv[1:], "--out", out, "--device", "cpu")
+        assert code == 2 and len(one_line(err)) == 1 and all(w in err for w in words), (argv, err)
+        assert "internal error" not in err and not out.exists(), argv
+    assert "None" not in run_cli(capsys, "heads", "-m", gpt2_dir, "--importance", "nosuch", "-o", tmp_path / "h")[2]
+
+
+def test_out_inside_a_regular_file_names_that_file(capsys, tmp_path, gpt2_dir):
+    (tmp_path / "bad").mkdir()
+    blocker = tmp_path / "bad" / "afile"
+    blocker.write_text("not a folder\n")
+    argv = ["patch", "-m", gpt2_dir, "--clean", "a b c d e", "--corrupted", "a b the d e", "--answer", " c",
+            "--wrong", " the", "--device", "cpu"]
+    for out in (blocker / "sub", blocker):
+        code, _, err = run_cli(capsys, *argv, "--out", out)
+        assert code == 2 and len(one_line(err)) == 1, err
+        assert f"{blocker} is a file, not a folder" in err and "choose another output path" in err, err
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_run_must_come_from_the_same_model_and_excludes_out(capsys, tmp_path, gpt2_dir, tiny_model_dir):
+    import pandas as pd
+
+    from neuronmap import extract
+
+    frame = pd.DataFrame({"text": ["good day", "a great film", "bad day", "an awful play"],
+                          "mood": ["pos", "pos", "neg", "neg"]})
+    llama_dir = tiny_model_dir("llama")  # same width (64) as the tiny GPT-2
+    gpt2_run = extract(str(gpt2_dir), frame, layers="blocks.1", out=tmp_path / "g", device="cpu")
+    llama_run = extract(str(llama_dir), frame, layers="blocks.1", out=tmp_path / "l", device="cpu")
+    patch = ["patch", "-m", gpt2_dir, "--clean", "a b c d e", "--corrupted", "a b the d e", "--answer", " c",
+             "--wrong", " the", "--device", "cpu"]
+
+    code, _, err = run_cli(capsys, *patch, "--run", llama_run.path)
+    assert code == 2 and len(one_line(err)) == 1, err
+    assert f"run {llama_run.path} was extracted from" in err and "a run of this model" in err, err
+    assert not (llama_run.path / "analyses").exists()
+
+    code, _, err = run_cli(capsys, *patch, "--run", gpt2_run.path, "--out", tmp_path / "p13")
+    assert code == 2 and len(one_line(err)) == 1 and "not both" in err, err
+    assert not (tmp_path / "p13").exists() and not (gpt2_run.path / "analyses").exists()
+    assert run_cli(capsys, *patch, "--run", gpt2_run.path)[0] == 0
+
+    code, _, err = run_cli(capsys, "steer", "-m", llama_dir, "-p", "the cat", "-l", "blocks.1", "--from-run",
+                           gpt2_run.path, "--labels", "mood", "--positive-label", "pos", "--negative-label", "neg",
+                           "--max-new-tokens", "2", "--device", "cpu", "--out", tmp_path / "s")
+    assert code == 2 and len(one_line(err)) == 1, err
+    assert f"run {gpt2_run.path} was extracted from" in err and "same model" in err, err
+    assert not (tmp_path / "s").exists()

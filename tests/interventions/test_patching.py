@@ -123,3 +123,11 @@ def test_cli_patch_writes_result_and_matrix(capsys, tmp_path, tiny_model_dir, gp
     code, _, err = run_cli(capsys, "patch", "--model", model, "--clean", CLEAN, "--corrupted", CORRUPTED,
                            "--answer", " c", "--wrong", " the", "--out", out, "--device", "cpu")
     assert code == 2 and "--overwrite" in err
+
+
+def test_the_same_answer_and_wrong_token_is_refused(gpt2):
+    """logit[a] - logit[a] is 0 everywhere: the restored fraction would be all NaN."""
+    for target in ((" c", " c"), (" c", gpt2.tokenizer(" c", add_special_tokens=False)["input_ids"][0])):
+        with pytest.raises(ConfigError, match="same token ' c'.*give two different tokens"):
+            ActivationPatching(gpt2).attribute(CLEAN, CORRUPTED, target=target)
+    assert hooks_left(gpt2.model) == 0

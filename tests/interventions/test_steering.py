@@ -122,3 +122,22 @@ def test_counterfactual_changes_match_hidden_states(gpt2):
     assert [row["id"] for row in result.top_changed] == top
     with pytest.raises(ConfigError, match="one counterfactual per input"):
         Counterfactual(gpt2).attribute(PROMPTS, baselines=PROMPTS[:1])
+
+
+def test_generation_past_the_models_positions_is_refused(gpt2):
+    n = len(gpt2.tokenizer("the cat")["input_ids"])
+    with pytest.raises(ConfigError, match=f"needs {n + 300} positions but the model has 256: use --max-new-tokens "
+                                          f"<= {256 - n}"):
+        Steering(gpt2).generate("the cat", np.ones(64), layers="blocks.1", max_new_tokens=300)
+    result = Steering(gpt2).generate("the cat", np.ones(64), layers="blocks.1", max_new_tokens=256 - n)
+    assert len(result.baseline_ids[0]) <= 256 - n and hooks_left(gpt2.model) == 0
+
+
+def test_direction_from_another_models_run_is_refused(tiny_model_dir, tiny_model, tmp_path):
+    from neuronmap import extract
+
+    run = extract(str(tiny_model_dir("gpt2")), ["good day", "bad day"], layers="blocks.1", out=tmp_path / "run",
+                  device="cpu")
+    llama = tiny_model("llama", head=True)  # same width, another activation space
+    with pytest.raises(ConfigError, match="was extracted from .* not from .*same model"):
+        run_direction(run.path, "blocks.1", "sample_id", "0", "1", loaded=llama)

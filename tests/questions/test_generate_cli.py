@@ -149,3 +149,32 @@ def test_readme_generate_commands_run(capsys, tmp_path, tiny_model_dir, monkeypa
         out = Path(argv[argv.index("--out" if "--out" in argv else "-o") + 1]) if "--list" not in argv else None
         if out is not None:
             assert len(load_prompts(out)) > 0
+
+
+def test_local_max_new_tokens_must_be_positive_and_fit_the_model(capsys, tmp_path, tiny_model_dir):
+    model = tiny_model_dir("gpt2")  # 256 positions
+    out = tmp_path / "local.csv"
+    for value, words in ((0, ["max_new_tokens=0", "positive integer"]),
+                         (-3, ["max_new_tokens=-3", "positive integer"]),
+                         (100000, ["plus --max-new-tokens 100000", "the model has 256", "use --max-new-tokens <="])):
+        code, _, err = run_cli(capsys, "generate", "local", "--model", model, "-n", 2, "--max-new-tokens", value,
+                               "--device", "cpu", "-o", out)
+        assert code == 2, err
+        assert_one_line_error(err, *words)
+        assert "internal error" not in err and not out.exists()
+
+
+def test_output_inside_a_regular_file_names_that_file(capsys, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder\n")
+    code, _, err = run_cli(capsys, "generate", "sentiment", "-n", 3, "-o", blocker / "x.csv")
+    assert code == 2
+    assert_one_line_error(err, f"{blocker} is a file, not a folder", "choose another output path")
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_a_length_filter_no_prompt_passes_advises_the_filter(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "sentiment", "-n", 10, "--min-words", 100, "-o", tmp_path / "x.csv")
+    assert code == 2
+    assert_one_line_error(err, "no prompts with at least 100 words", "lower --min-words")
+    assert "--count 0" not in err and not (tmp_path / "x.csv").exists()

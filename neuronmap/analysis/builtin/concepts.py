@@ -21,19 +21,23 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ...concepts.cav import cosine_matrix, fit_cav, split_by_label
+from ...concepts.cav import cosine_matrix, fit_cav, label_text, split_by_label
 from ...concepts.topk import TopActivations, parse_neurons
 from ...errors import ConfigError
 from ..inputs import LayerInput, RunInput
 from ..registry import AnalysisResult, Params, register
 
 Value = Union[int, float, str]
+# bool first: `concept=true` stays True (the label text "True" of a boolean column) instead of becoming 1.
+LabelValue = Union[bool, int, float, str]
 
 
 class CAVParams(Params):
-    concept: Optional[Union[Value, list[Value]]] = Field(
-        None, description="label value(s) of the concept rows; several (concept=a,b) also give their cosine")
-    negative: Optional[Value] = Field(None, description="label value of the random rows (default: every other row)")
+    concept: Optional[Union[LabelValue, list[LabelValue]]] = Field(
+        None, description="label value(s) of the concept rows (true/false for a boolean column); several "
+                          "(concept=a,b) also give their cosine")
+    negative: Optional[LabelValue] = Field(None, description="label value of the random rows (default: every other "
+                                                             "row)")
     classifier: Literal["logistic", "svm"] = Field("logistic", description="linear classifier of the CAV")
     C: float = Field(0.1, gt=0, description="inverse L2 strength of the classifier (strong: the CAV follows the "
                      "concept's mean difference rather than a max-margin boundary through noise)")
@@ -64,8 +68,10 @@ def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
     labels = data.labels()
     rng = np.random.default_rng(params.seed)
     plans = []
+    column = data.labels_column or "labels"
     for concept in concepts:
-        c_pos, r_pos = split_by_label(labels, concept, params.negative, data.labels_column or "labels")
+        c_pos, r_pos = split_by_label(labels, concept, params.negative, column)
+        concept = label_text(labels, concept, column)  # as stored: true -> "True" of a boolean column
         size = min(len(c_pos), len(r_pos), params.max_samples)
         if size < 2:
             raise ConfigError(f"concept {str(concept)!r} has {len(c_pos)} rows and the random side {len(r_pos)} at "
@@ -85,6 +91,9 @@ def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
             warnings.warn(f"{data.layer}: too few random rows ({len(r_pos)}) for random-vs-random CAVs of "
                           f"{str(concept)!r}", UserWarning, stacklevel=2)
         plans.append((concept, c_pick, r_pick, nulls, len(c_pos), len(r_pos)))
+    if len({plan[0] for plan in plans}) != len(plans):
+        raise ConfigError(f"concept={', '.join(plan[0] for plan in plans)} names one label value twice; list each "
+                          "concept once")
     needed = np.unique(np.concatenate([np.concatenate([c, r, *[np.concatenate(n) for n in nulls]])
                                        for _, c, r, nulls, _, _ in plans]))
     rows = data.take(needed)
@@ -104,7 +113,7 @@ def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
         table.append({"concept": str(concept), "accuracy": cav.accuracy, "random_accuracy": chance[-1],
                       "n_concept": n_concept, "n_random": n_random, "per_side": len(c_pick), "n_test": cav.n_test,
                       "raw_norm": cav.raw_norm, "intercept": cav.intercept})
-    names = [str(c) for c in concepts]
+    names = [plan[0] for plan in plans]  # the label text of each concept
     for name, acc in zip(names, accuracy):
         metrics[f"accuracy:{name}"] = acc
     for name, value in zip(names, chance):
@@ -162,7 +171,15 @@ class _TokenContext:
         return token, f"{left}[[{token}]]{right}"
 
 
-@register("top-activations", family="concepts", params=TopParams, scope="run",
+def check_top_k(data: RunInput, params: TopParams) -> None:
+    """k cannot exceed the rows there are to rank (a layer with fewer rows ranks all of them)."""
+    most = max((item.n_rows for item in data.layers.values()), default=0)
+    if params.k > most:
+        raise ConfigError(f"k={params.k} is more than the {most} rows of the selected layers: a neuron has at most "
+                          f"{most} activations to rank; use k <= {most}")
+
+
+@register("top-activations", family="concepts", params=TopParams, scope="run", check=check_top_k,
           summary="top-k activating prompts (per-sample layers) or tokens with context (per-token layers) per neuron",
           headline=("n_layers", "n_neurons", "k", "top_value", "top_neuron"))
 def top_activations_analysis(data: RunInput, params: TopParams) -> AnalysisResult:
@@ -174,7 +191,7 @@ def top_activations_analysis(data: RunInput, params: TopParams) -> AnalysisResul
     best: tuple[float, str] = (-np.inf, "")
     for layer, units in chosen.items():
         item = data.layers[layer]
-        state = TopActivations(params.k, units)
+        state = TopActivations(max(1, min(params.k, item.n_rows)), units)  # memory: at most the layer's rows
         offset = 0
         for batch in item.iter_batches():
             state.add(batch, offset)

@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import Field
 
 from ...errors import ConfigError
-from ..information import encode_labels, entropy, layer_mutual_information, mutual_information
+from ..information import check_bins, encode_labels, entropy, layer_mutual_information, mutual_information
 from ..inputs import LayerInput, PairInput
 from ..registry import AnalysisResult, Params, register
 
@@ -29,12 +29,16 @@ def _extremes(values: np.ndarray, k: int) -> tuple[list[int], list[int]]:
 
 # -- entropy -----------------------------------------------------------------------------------
 class EntropyParams(Params):
-    bins: int = Field(32, ge=2, description="equal-width bins over each neuron's own [min, max]")
+    bins: int = Field(32, ge=2, description="equal-width bins over each neuron's own [min, max]; at most the rows")
     correction: Correction = Field("none", description=CORRECTION_HELP)
     top_k: int = Field(5, ge=1, description="neurons listed as highest / lowest entropy")
 
 
-@register("entropy", family="information", params=EntropyParams, scope="layer",
+def check_layer_bins(data: LayerInput, params: EntropyParams | MutualInfoParams) -> None:
+    check_bins(params.bins, data.n_rows, f"layer {data.layer}")
+
+
+@register("entropy", family="information", params=EntropyParams, scope="layer", check=check_layer_bins,
           summary="entropy (bits) of each neuron's binned activation distribution (two streamed passes)",
           headline=("n_rows", "mean_entropy", "min_entropy", "max_entropy", "n_zero_entropy"))
 def entropy_analysis(data: LayerInput, params: EntropyParams) -> AnalysisResult:
@@ -50,12 +54,13 @@ def entropy_analysis(data: LayerInput, params: EntropyParams) -> AnalysisResult:
 
 # -- mutual information with labels --------------------------------------------------------------
 class MutualInfoParams(Params):
-    bins: int = Field(32, ge=2, description="equal-width bins over each neuron's own [min, max]")
+    bins: int = Field(32, ge=2, description="equal-width bins over each neuron's own [min, max]; at most the rows")
     correction: Correction = Field("none", description=CORRECTION_HELP)
     top_k: int = Field(10, ge=1, description="most informative neurons listed")
 
 
 @register("mutual-info", family="information", params=MutualInfoParams, scope="layer", needs_labels=True,
+          check=check_layer_bins,
           summary="mutual information (bits) between each binned neuron and the --labels column",
           headline=("n_classes", "label_entropy", "mean_mi", "max_mi", "top_neurons"))
 def mutual_info(data: LayerInput, params: MutualInfoParams) -> AnalysisResult:
@@ -75,7 +80,8 @@ def mutual_info(data: LayerInput, params: MutualInfoParams) -> AnalysisResult:
 # -- mutual information between layers -----------------------------------------------------------
 class LayerMIParams(Params):
     n_components: int = Field(1, ge=1, description="top principal components of each layer compared")
-    bins: int = Field(16, ge=2, description="equal-frequency bins per component; keep n_rows >> bins^2")
+    bins: int = Field(16, ge=2, description="equal-frequency bins per component, at most the rows; keep "
+                                            "n_rows >> bins^2")
     correction: Correction = Field("none", description=CORRECTION_HELP)
 
 
@@ -87,6 +93,7 @@ def check_layer_mi(data: PairInput, params: LayerMIParams) -> None:
                               f"{limit} for layer {item.layer}")
     if data.n_rows < 2:
         raise ConfigError(f"mutual information between layers needs at least 2 rows; got n_rows={data.n_rows}")
+    check_bins(params.bins, data.n_rows, f"layers {data.first.layer} and {data.second.layer}", default=16)
 
 
 @register("layer-mi", family="information", params=LayerMIParams, scope="layer_pair", check=check_layer_mi,
