@@ -73,6 +73,14 @@ def check_generation_length(loaded: Any, prompt_tokens: int, max_new_tokens: int
                           f"{prompt_tokens + max_new_tokens} positions but the model has {limit}: {fix}")
 
 
+def check_prompt_length(loaded: Any, n_tokens: int) -> None:
+    """Refuse a prompt longer than the model's positions (encoder-decoder models are not bounded here)."""
+    limit = position_limit(loaded)
+    if limit and n_tokens > limit and not getattr(loaded.model.config, "is_encoder_decoder", False):
+        raise ConfigError(f"a prompt has {n_tokens} tokens but the model has {limit} positions: shorten it to at most "
+                          f"{limit} tokens")
+
+
 def check_run_model(opened: Any, loaded: Any, fix: str) -> None:
     """A stored run must come from the loaded model (same config hash), else a ConfigError naming both and `fix`."""
     expected = getattr(loaded, "config_hash", None)
@@ -111,8 +119,11 @@ def as_prompts(inputs: Any, what: str = "inputs") -> list[str]:
 
 
 def tokenize(loaded: Any, text: str) -> list[int]:
-    """Token ids of one prompt, with the special tokens the tokenizer adds (as the model saw them in training)."""
-    return list(loaded.tokenizer(text)["input_ids"])
+    """Token ids of one prompt, with the special tokens the tokenizer adds (as the model saw them in training);
+    a prompt longer than the model's positions is refused (`check_prompt_length`)."""
+    ids = list(loaded.tokenizer(text)["input_ids"])
+    check_prompt_length(loaded, len(ids))
+    return ids
 
 
 def token_id(loaded: Any, token: str | int, what: str) -> int:
@@ -178,9 +189,14 @@ class Batch:
 
 
 def make_batch(loaded: Any, sequences: Sequence[Sequence[int]]) -> Batch:
-    """Pad token-id lists on the right with the tokenizer's pad id (attention mask 0 there)."""
+    """Pad token-id lists on the right with the tokenizer's pad id (attention mask 0 there).
+
+    A sequence longer than the model's positions is refused here, where every method builds its
+    batches: it would fail deep in the embedding, and truncating it would change the experiment.
+    """
     lengths = [len(s) for s in sequences]
     width = max(lengths)
+    check_prompt_length(loaded, width)
     pad = loaded.tokenizer.pad_token_id or 0
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

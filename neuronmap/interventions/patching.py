@@ -32,7 +32,7 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
-from ._common import target_pair
+from ._common import check_prompt_length, target_pair
 
 BLOCK = re.compile(r"^blocks\.\d+$")
 
@@ -215,6 +215,7 @@ class ActivationPatching:
         if not isinstance(text, str) or not text:
             raise ConfigError(f"prompt {text!r} must be a non-empty string")
         ids = self.loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+        check_prompt_length(self.loaded, ids.shape[-1])
         return ids
 
     def _block_refs(self, layers: str | Sequence[str]) -> list:

@@ -135,6 +135,12 @@ def test_more_user_mistakes_exit_2_with_one_line(capsys, tmp_path, gpt2_dir):
         ([*patch, "--answer", " c", "--wrong", " c"], ["same token", "give two different tokens"]),
         (["patch", "--clean", "a b c d e", "--corrupted", "a b c d e", "--answer", " c", "--wrong", " the"],
          ["same prompt", "corrupt the prompt"]),
+        (["trace", "-p", " ".join(["word"] * 300), "--subject", "word"],
+         ["tokens but the model has 256 positions", "shorten it"]),
+        ([*patch[:1], "--clean", " ".join(["a"] * 300), "--corrupted", " ".join(["b"] * 300), "--answer", " c",
+          "--wrong", " the"], ["tokens but the model has 256 positions"]),
+        (["attribute", "--text", " ".join(["word"] * 300), "--target", "next-token"],
+         ["tokens but the model has 256 positions"]),
     ]
     for argv, words in cases:
         out = tmp_path / "x"
