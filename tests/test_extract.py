@@ -335,3 +335,31 @@ def test_real_token_index_selects_what_the_mask_selects():
     hidden = torch.randn(len(lengths), width, 7)
     index = torch.from_numpy(real_token_index(lengths, width))
     torch.testing.assert_close(hidden.flatten(0, 1)[index], hidden[mask], rtol=0, atol=0)
+
+
+def test_shards_copied_into_reused_host_buffers_equal_fresh_copies(loaded):
+    """`HostBuffers` (pinned on a GPU; plain here) gives the same arrays as `.cpu()`, and its two sets
+    alternate: the shard being committed is never overwritten by the next one's copy."""
+    from neuronmap import extraction
+
+    lm = loaded("gpt2")
+    texts = [f"{text} {i}" for i, text in enumerate(PROMPTS * 6)]  # every shard different
+    run_plan, tokens, plan = extraction.plan_run(lm, texts, "blocks.0,blocks.2", "none", "float32",
+                                                 max_length=16, samples_per_shard=7)
+    pooler = extraction.BatchPooler("none", torch.float32, pattern_width=run_plan.pattern_width)
+    host = extraction.HostBuffers(pin=False)
+    shards = run_plan.shards()
+    assert len(shards) >= 3
+    fresh = [extraction.extract_shard(lm, plan, tokens, s, pooler, batch_size=4) for s in shards[:3]]
+    reused = []
+    for s in shards[:3]:
+        reused.append(extraction.extract_shard(lm, plan, tokens, s, pooler, batch_size=4, host=host))
+        if len(reused) == 2:  # shard 0 (being committed) is intact after shard 1 was copied
+            for name in plan.shapes:
+                np.testing.assert_array_equal(reused[0][name], fresh[0][name])
+                assert not np.shares_memory(reused[0][name], reused[1][name])
+    for got, want in zip(reused[1:], fresh[1:]):
+        for name in plan.shapes:
+            np.testing.assert_array_equal(got[name], want[name])
+    grown = any(reused[2][name].size > reused[0][name].size for name in plan.shapes)
+    assert grown or all(np.shares_memory(reused[2][name], reused[0][name]) for name in plan.shapes)  # set reused
