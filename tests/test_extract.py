@@ -363,3 +363,11 @@ def test_shards_copied_into_reused_host_buffers_equal_fresh_copies(loaded):
             np.testing.assert_array_equal(got[name], want[name])
     grown = any(reused[2][name].size > reused[0][name].size for name in plan.shapes)
     assert grown or all(np.shares_memory(reused[2][name], reused[0][name]) for name in plan.shapes)  # set reused
+
+
+def test_default_shard_size_is_larger_only_for_per_token_runs_on_a_gpu():
+    from neuronmap import extraction
+
+    assert extraction.shard_target_bytes("cpu", per_token=True) == extraction.SHARD_TARGET_BYTES
+    assert extraction.shard_target_bytes("cuda:0", per_token=False) == extraction.SHARD_TARGET_BYTES
+    assert extraction.shard_target_bytes("cuda", per_token=True) == extraction.SHARD_TARGET_BYTES_GPU_PER_TOKEN
