@@ -233,11 +233,17 @@ def per_token_bench(args: argparse.Namespace, scratch: Path, log: Any) -> dict:
     loaded = neuronmap.load_model(path, device=args.device, dtype="float32")
     frame = prompts_frame(max(args.prompts // 2, 32))
 
-    def extract(out: Path) -> Any:
+    def extract(out: Path, samples_per_shard: int | None = None) -> Any:
         return neuronmap.extract(loaded, frame, layers="blocks.*", pooling="none", format="hdf5", out=out,
-                                 overwrite=True, batch_size=args.batch_size, max_length=args.max_length)
+                                 overwrite=True, batch_size=args.batch_size, max_length=args.max_length,
+                                 samples_per_shard=samples_per_shard)
 
     warm = extract(scratch / "pt-warm")
+    default_sps = int(warm.manifest.extra["samples_per_shard"])
+    # the CPU default (128 MB shards) beside the device's default, in the same loop: what the shard size buys
+    from neuronmap.extraction import SHARD_TARGET_BYTES, shard_target_bytes
+
+    small_sps = max(1, default_sps * SHARD_TARGET_BYTES // shard_target_bytes(args.device, per_token=True))
     arrays = {name: warm.array(name) for name in warm.layers}
     warm_manifest = warm.manifest.model_copy(deep=True, update={"shards": [], "status": "running"})
     first = warm.layers[0]
@@ -245,11 +251,14 @@ def per_token_bench(args: argparse.Namespace, scratch: Path, log: Any) -> dict:
               for sh in warm.shards(first)]
     payload = sum(a.nbytes for a in arrays.values())
     shutil.rmtree(scratch / "pt-warm")
-    t_extract, t_raw = [], []
+    t_extract, t_raw, t_small = [], [], []
     for r in range(args.repeats):
         out = scratch / f"pt-{r}"
         t_extract += timed(lambda: extract(out), args.device, 1)
         shutil.rmtree(out, ignore_errors=True)
+        if small_sps != default_sps:
+            t_small += timed(lambda: extract(out, small_sps), args.device, 1)
+            shutil.rmtree(out, ignore_errors=True)
         raw = scratch / f"raw-{r}"
         raw.mkdir()
         start = time.perf_counter()
@@ -265,8 +274,13 @@ def per_token_bench(args: argparse.Namespace, scratch: Path, log: Any) -> dict:
     row = dict(model="GPT-2-small shape, float32" if not args.quick else "tiny GPT-2", layers="blocks.*",
                n_prompts=len(frame), n_tokens=int(warm.manifest.n_tokens or 0), activation_bytes=int(payload),
                times=dict(extract=t_extract, raw_write=t_raw), mb_s=dict(extract=mb / me, raw_write=mb / mr),
-               ratio=mr / me, store_only=store)
-    log(f"per-token: {mb:.0f} MB, extract {mb / me:,.0f} MB/s, raw write {mb / mr:,.0f} MB/s, ratio {mr / me:.3f}")
+               ratio=mr / me, store_only=store, samples_per_shard=default_sps, n_shards=len(shards))
+    log(f"per-token: {mb:.0f} MB in {len(shards)} shards, extract {mb / me:,.0f} MB/s, raw write {mb / mr:,.0f} MB/s, "
+        f"ratio {mr / me:.3f}")
+    if t_small:
+        ms = statistics.median(t_small)
+        row.update(samples_per_shard_128mb=small_sps, times_128mb=t_small, ratio_128mb=mr / ms)
+        log(f"per-token with 128 MB shards ({small_sps} samples each): extract {mb / ms:,.0f} MB/s, ratio {mr / ms:.3f}")
     return row
 
 

@@ -7,10 +7,10 @@
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
 # Order: what #2 still needs first, so a call cut short keeps it.
-#   1. store_write.py: the store alone against a raw write + fsync of the same bytes, on that disk
-#      (12 layers x 100,000 rows x 768 float32 in 4 shards, the per-token GPU run's layout).
-#   2. gpu_extraction.py per-token: GPT-2-small shape, blocks.*, pooling none, extract MB/s against
-#      a raw write (#2's >= 0.8 target on a GPU).
+#   1. gpu_extraction.py per-token: GPT-2-small shape, blocks.*, pooling none, extract MB/s against
+#      a raw write (#2's >= 0.8 target on a GPU), at the GPU default (512 MB shards) and at 128 MB.
+#   2. store_write.py: the store alone against a raw write + fsync of the same bytes, on that disk
+#      (12 layers x 100,000 rows x 768 float32 in 4 shards).
 #   3. gpu_extraction.py llama: a Llama-shaped ~1B model, mean-pooled blocks.*, tokens/s against a
 #      bare forward (#3's prepared GPU check).
 #   4. d2h_copy.py: a 128 MB shard copied to the host as extraction does (`.cpu()`) against reused
@@ -52,10 +52,10 @@ step() {  # step NAME COMMAND...: run it, keep going on failure, say how it ende
 }
 
 mkdir -p /tmp/gpu-session-store /tmp/gpu-session-extract
-step store_write "$PY" benchmarks/store_write.py "${store_args[@]}" --workdir /tmp/gpu-session-store \
-    --out "$OUT/store_write.json"
 step per_token "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip llama agreement \
     --workdir /tmp/gpu-session-extract --out "$OUT/per_token.json"
+step store_write "$PY" benchmarks/store_write.py "${store_args[@]}" --workdir /tmp/gpu-session-store \
+    --out "$OUT/store_write.json"
 step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token agreement \
     --workdir /tmp/gpu-session-extract --out "$OUT/llama.json"
 step d2h "$PY" benchmarks/d2h_copy.py "${d2h_args[@]}" --out "$OUT/d2h.json"
