@@ -533,6 +533,15 @@ _IO_POOL: ThreadPoolExecutor | None = None
 _IO_POOL_LOCK = threading.Lock()
 
 
+def _forget_io_pool() -> None:
+    global _IO_POOL, _IO_POOL_LOCK
+    _IO_POOL, _IO_POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start its own pool
+    os.register_at_fork(after_in_child=_forget_io_pool)
+
+
 def _io_pool() -> ThreadPoolExecutor:
     """The process's shard I/O threads, started once: starting 8 threads per shard cost ~6 ms of a
     shard's ~27 ms fixed cost on 2 CPUs. Its tasks never wait on the pool themselves (no deadlock)."""

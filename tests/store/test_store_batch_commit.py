@@ -143,3 +143,36 @@ def test_annotate_run_merges_extra_of_a_complete_run(tmp_path):
     assert open_run(tmp_path / "run").manifest.extra["experiment"]["seed"] == 3
     with pytest.raises(ConfigError, match="cannot store"):
         annotate_run(tmp_path / "run", bad=object())
+
+
+
+def _write_batched(path) -> None:
+    """A run written with `write_shards` (the shared I/O pool), checked against write_run's arrays."""
+    reference = write_run(path.with_name(path.name + "-ref"))
+    _lengths, _n_rows, shards = plan(False)
+    writer = RunWriter(path, make_manifest())
+    writer.write_prompts(reference.prompts)
+    for index, (rows, samples) in enumerate(shards):
+        sl = slice(*rows)
+        writer.write_shards(index, rows=rows, samples=samples,
+                            arrays={name: reference.arrays[name][sl] for name in LAYERS},
+                            sample_ids=reference.sample_ids[sl])
+    writer.complete()
+    for name in LAYERS:
+        np.testing.assert_array_equal(open_run(path).array(name), reference.arrays[name])
+
+
+def test_a_forked_child_writes_shards_on_its_own_io_threads(tmp_path):
+    """The shard I/O pool is per process: a child forked after the parent wrote shards must not queue work
+    for the parent's threads, which do not exist in the child (it hung before the pool was reset at fork)."""
+    import multiprocessing
+
+    _write_batched(tmp_path / "parent")  # starts the parent's pool
+    child = multiprocessing.get_context("fork").Process(target=_write_batched, args=(tmp_path / "child",))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung writing shards")
+    assert child.exitcode == 0
