@@ -105,7 +105,7 @@ def run_ray_extraction(
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ConfigError(f"{flags} only apply to pipeline stages; add --stages K or use --cpus-per-worker / "
                           "--gpus-per-worker")
-    from neuronmap.extraction import default_out, new_manifest, progress_bar
+    from neuronmap.extraction import default_out, new_manifest, preparation_progress, progress_bar
     from neuronmap.models import LoadedModel
     from neuronmap.prompt_table import stage_prompts, staging_folder
     from neuronmap.store import RunWriter, open_run
@@ -124,7 +124,8 @@ def run_ray_extraction(
     model = str(model)
     # The prompt table is staged beside the run, in chunks: the driver never holds it whole.
     with staging_folder(Path(out) if out is not None else default_out(model)) as staging:
-        staged = stage_prompts(prompts, staging, text_column=text_column)
+        with preparation_progress(progress) as task:
+            staged = stage_prompts(prompts, staging, text_column=text_column, on_rows=task("read prompts"))
         with ray_session(address, num_cpus=(workers or 1) * cpus + options.TOKENIZE_CPUS), options.quiet_logs():
             capacity = check_resources(workers, cpus, gpus)
             plan = _plan(model, device, model_dtype, staged, layers, pooling, dtype, max_length, samples_per_shard,

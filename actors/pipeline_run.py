@@ -76,7 +76,7 @@ def run_pipeline_run(
     """
     import torch
 
-    from neuronmap.extraction import RunPlan, default_out, new_manifest, tokenize_batches
+    from neuronmap.extraction import RunPlan, default_out, new_manifest, preparation_progress, tokenize_batches
     from neuronmap.prompt_table import stage_prompts, staging_folder
 
     from .pipeline import PipelineExtractor, PipelineOptions
@@ -104,9 +104,11 @@ def run_pipeline_run(
     # The prompt table is staged beside the run and the token ids spill to a file: the driver holds
     # neither whole (as the local engine).
     with staging_folder(out) as staging:
-        staged = stage_prompts(prompts, staging, text_column=text_column)
-        extractor.layout()  # bad stages/layers/family: ConfigError before Ray starts
-        tokens = tokenize_batches(tokenizer, staged.text_batches(), max_length, spill=staging / "token-ids.int32")
+        with preparation_progress(progress) as task:
+            staged = stage_prompts(prompts, staging, text_column=text_column, on_rows=task("read prompts"))
+            extractor.layout()  # bad stages/layers/family: ConfigError before Ray starts
+            tokens = tokenize_batches(tokenizer, staged.text_batches(), max_length, spill=staging / "token-ids.int32",
+                                      on_batch=task("tokenize", staged.n_samples))
         with ray_session(address, num_cpus=stages * cpus), ray_options.quiet_logs():
             _check_gpus(gpus)
             with extractor:

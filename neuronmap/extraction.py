@@ -186,22 +186,28 @@ def shard_ids(ids: Sequence[Sequence[int]], start: int, stop: int) -> Sequence[S
     return ids.slice(start, stop) if isinstance(ids, PackedIds) else ids[start:stop]
 
 
-def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int) -> TokenizedPrompts:
+def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int,
+                     on_batch: Callable[[int], None] | None = None) -> TokenizedPrompts:
     """Tokenise `texts` in memory (`PackedIds`); see `tokenize_batches`."""
     step = 1024
     return tokenize_batches(tokenizer, (list(texts[start : start + step]) for start in range(0, len(texts), step)),
-                            max_length)
+                            max_length, on_batch=on_batch)
 
 
 def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_length: int,
-                     spill: Path | None = None) -> TokenizedPrompts:
+                     spill: Path | None = None, on_batch: Callable[[int], None] | None = None) -> TokenizedPrompts:
     """Tokenise once, without padding; count the prompts that `max_length` cut short.
 
     Only prompts that reach `max_length` are re-tokenised without truncation to tell whether they
     were really cut, so the common case costs one pass. The ids are packed a batch of texts at a
     time, so the tokenizer's Python lists never exist for more than one batch. With `spill`, the
-    packed ids go to that file (`SpilledIds`) and memory holds only the lengths.
+    packed ids go to that file (`SpilledIds`) and memory holds only the lengths. `on_batch(n)` is
+    called after each batch of n prompts (a progress bar). The ids are the tokenizer's own, read
+    with less Python per prompt where it is a fast one (`token_ids.ids_encoder`).
     """
+    from .token_ids import ids_encoder
+
+    encode = ids_encoder(tokenizer, max_length)
     flat: list[np.ndarray] = []
     lengths_parts: list[np.ndarray] = []
     n_truncated = 0
@@ -209,11 +215,13 @@ def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_lengt
         sink = stack.enter_context(open(spill, "wb")) if spill is not None else None
         for chunk in batches:
             chunk = list(chunk)
-            encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=False)["input_ids"]
+            encoded = encode(chunk, True)
             at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
             if at_limit:
-                full = tokenizer([chunk[i] for i in at_limit], truncation=False, padding=False)["input_ids"]
+                full = encode([chunk[i] for i in at_limit], False)
                 n_truncated += sum(len(seq) > max_length for seq in full)
+            if on_batch is not None:
+                on_batch(len(chunk))
             sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
             lengths_parts.append(sizes)
             packed = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum()))
@@ -450,12 +458,13 @@ def commit_shard(writer: Any, index: int, samples: range, row_start: int, arrays
 
 def plan_run(
     loaded: Any, texts: Any, layers: str | Sequence[str], pooling: str, dtype: str, max_length: int,
-    samples_per_shard: int | None,
+    samples_per_shard: int | None, on_tokenized: Callable[[int], None] | None = None,
 ) -> tuple[RunPlan, TokenizedPrompts, ExtractionPlan]:
     """Tokenise every prompt and plan the run (layers, shapes, shard size) where the model is loaded.
 
     `texts` is a sequence of strings, or anything with `text_batches()`: a `StagedPrompts` table is
     read a batch at a time and its token ids spill to a file beside it, so memory holds only the lengths.
+    `on_tokenized(n)` is called as batches of n prompts are tokenised (a progress bar).
     """
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
     if limit and max_length > limit:
@@ -464,13 +473,14 @@ def plan_run(
         path = getattr(texts, "path", None)
         spill = Path(path).parent / "token-ids.int32" if path is not None else None
         try:
-            tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length, spill=spill)
+            tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length, spill=spill,
+                                      on_batch=on_tokenized)
         except OSError as error:  # a full disk while spilling: one line, as for shards
             from .store.manifest import storage_error
 
             raise storage_error(error, spill) from None
     else:
-        tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length)
+        tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length, on_batch=on_tokenized)
     plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)
     run_plan = RunPlan(
         model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,
@@ -530,6 +540,31 @@ def load_engine(engine: str) -> Callable[..., Any]:
     except ImportError as error:
         raise ConfigError(f"engine {engine!r} cannot be loaded ({error}); install its dependencies "
                           "(for ray: pip install 'ray[default,data]==2.60.0') or use --engine local") from None
+
+
+@contextlib.contextmanager
+def preparation_progress(enabled: bool) -> Iterator[Callable[..., Callable[[int], None]]]:
+    """Transient bars for the steps before the first forward (reading the prompts, tokenising them),
+    which take seconds at 100,000s of prompts: `task(description, total=None)` gives an `advance(n)`.
+    The bars vanish when done, and print nothing where the output is not a terminal."""
+    from rich import get_console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=True, disable=not (enabled and get_console().is_terminal))  # else a blank line
+
+    def finish_all() -> None:  # the steps run one after another: a new one means the others are done
+        for step in progress.tasks:
+            progress.update(step.id, total=step.completed)
+
+    def task(description: str, total: int | None = None) -> Callable[[int], None]:
+        finish_all()
+        task_id = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task_id, n)
+
+    with progress:
+        yield task
+        finish_all()
 
 
 def progress_bar(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
@@ -659,8 +694,10 @@ def extract(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=model_dtype)
     out = Path(out) if out is not None else default_out(loaded.name)
     with staging_folder(out) as staging:  # the prompt table and token ids on disk, not in memory
-        staged = stage_prompts(prompts, staging, text_column=text_column)
-        run_plan, tokens, plan = plan_run(loaded, staged, layers, pooling, dtype, max_length, samples_per_shard)
+        with preparation_progress(progress) as task:
+            staged = stage_prompts(prompts, staging, text_column=text_column, on_rows=task("read prompts"))
+            run_plan, tokens, plan = plan_run(loaded, staged, layers, pooling, dtype, max_length, samples_per_shard,
+                                              on_tokenized=task("tokenize", staged.n_samples))
         manifest = new_manifest(run_plan, prompts, staged.source_hash, pooling, dtype, format, compression,
                                 batch_size)
         writer = RunWriter(out, manifest, format=format, compression=compression, overwrite=overwrite)

@@ -22,7 +22,7 @@ import tempfile
 from glob import escape as glob_escape
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,9 +119,9 @@ def _alive(pid: int) -> bool:
 
 
 def stage_prompts(source: Any, folder: str | os.PathLike, text_column: str | None = None,
-                  chunk_rows: int | None = None) -> StagedPrompts:
+                  chunk_rows: int | None = None, on_rows: Callable[[int], None] | None = None) -> StagedPrompts:
     """Write the prompt table of `source` to `folder`/prompts.parquet, reading `chunk_rows` at a time
-    (default `CHUNK_ROWS`).
+    (default `CHUNK_ROWS`); `on_rows(n)` is called after each chunk of n rows (a progress bar).
 
     Raises PromptFileError for a bad source (as `load_prompts` does), ConfigError when a column
     cannot be stored in Parquet, StorageError when the folder cannot be written.
@@ -141,6 +141,8 @@ def stage_prompts(source: Any, folder: str | os.PathLike, text_column: str | Non
             parts.append(part)
             schemas.append(table.schema)
             n_samples += table.num_rows
+            if on_rows is not None:
+                on_rows(table.num_rows)
             del table
             _release_arrow_memory()
         if len(parts) == 1:

@@ -41,7 +41,9 @@ def test_staged_table_equals_the_whole_source_loaded(tmp_path, kind, chunk_rows)
 
     folder = tmp_path / f"stage-{kind}"
     folder.mkdir()
-    staged = stage_prompts(source, folder, chunk_rows=chunk_rows)
+    reported = []  # what a progress bar is told: every chunk's rows, in order
+    staged = stage_prompts(source, folder, chunk_rows=chunk_rows, on_rows=reported.append)
+    assert reported == [len(c) for c in chunks]
     assert staged.n_samples == len(whole) and list(staged.columns) == list(whole.columns)
     pd.testing.assert_frame_equal(pd.read_parquet(staged.path), whole)
     assert staged.source_hash == prompt_source_hash(whole)

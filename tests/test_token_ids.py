@@ -1,0 +1,79 @@
+"""`token_ids.ids_encoder`: the tokenizer's own ids, through the fast backend where it can."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from neuronmap import extraction, token_ids
+from neuronmap.models.tiny import TINY_FAMILIES
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "  leading spaces,\ttabs and UNUSUAL Capitals  ",
+    "Numbers like 12345 and 678, émigré café naïve, 東京, emoji 🙂.",
+    "A",
+    "What did the committee decide after three long hours of debate about the budget?" * 3,
+    "special-looking text: <s> </s> [CLS] [SEP] <pad> <|endoftext|>",
+]
+
+
+def reference_ids(tokenizer, texts, max_length, truncate=True):
+    """One plain transformers call per prompt: the independent reference."""
+    options = dict(truncation=True, max_length=max_length) if truncate else dict(truncation=False)
+    return [tokenizer(text, **options)["input_ids"] for text in texts]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("max_length", [6, 512])
+def test_ids_and_truncation_counts_equal_the_tokenizers(family, max_length, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir(family))
+    texts = TEXTS * 150  # more than one 1,024-prompt batch
+    reported = []  # what a progress bar is told
+    tokens = extraction.tokenize_prompts(tokenizer, texts, max_length=max_length, on_batch=reported.append)
+    assert reported == [1024, len(texts) - 1024]
+    expected = reference_ids(tokenizer, TEXTS, max_length) * 150
+    assert [seq.tolist() for seq in tokens.ids] == expected
+    full = reference_ids(tokenizer, TEXTS, max_length, truncate=False) * 150
+    assert tokens.n_truncated == sum(len(seq) > max_length for seq in full)
+    backend = token_ids._backend_encoder(tokenizer, max_length)  # the fast path itself, not its fallback
+    assert backend is not None
+    assert backend(TEXTS, True) == expected[: len(TEXTS)] and backend(TEXTS, False) == full[: len(TEXTS)]
+
+
+def test_the_packaged_minilm_tokenizer_gives_its_own_ids():
+    from neuronmap.models import load_model
+
+    tokenizer = load_model("all-minilm-l6-v2", device="cpu").tokenizer
+    encode = token_ids.ids_encoder(tokenizer, 16)
+    assert encode(TEXTS, True) == reference_ids(tokenizer, TEXTS, 16)
+    assert encode(TEXTS, False) == reference_ids(tokenizer, TEXTS, 16, truncate=False)
+
+
+def test_a_backend_that_disagrees_with_the_call_is_not_used(tiny_model_dir, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+    real = token_ids._backend_encoder
+
+    def shifted(tok, max_length):  # a backend path that gets the ids wrong
+        encode = real(tok, max_length)
+        return lambda texts, truncate: [[i + 1 for i in ids] for ids in encode(texts, truncate)]
+
+    monkeypatch.setattr(token_ids, "_backend_encoder", shifted)
+    encode = token_ids.ids_encoder(tokenizer, 512)
+    assert encode(TEXTS, True) == reference_ids(tokenizer, TEXTS, 512)
+    assert encode(TEXTS[::-1], True) == reference_ids(tokenizer, TEXTS[::-1], 512)  # and stays off
+
+
+def test_a_tokenizer_class_that_changes_the_call_is_called(tiny_model_dir):
+    base = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+
+    class Lowercasing(type(base)):
+        def __call__(self, text, *args, **kwargs):
+            lowered = [t.lower() for t in text] if isinstance(text, list) else text.lower()
+            return super().__call__(lowered, *args, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+    tokenizer.__class__ = Lowercasing
+    assert token_ids._backend_encoder(tokenizer, 512) is None
+    assert token_ids.ids_encoder(tokenizer, 512)(TEXTS, True) == reference_ids(base, [t.lower() for t in TEXTS], 512)
