@@ -87,7 +87,7 @@ def extract(
     model_dtype: str = typer.Option("auto", help="Compute dtype: auto | float32 | float16 | bfloat16."),
     compression: Optional[str] = typer.Option(None, help="HDF5: gzip | lzf; Parquet: zstd | snappy."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the prompt text (csv/jsonl/parquet)."),
-    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~128 MB per shard)."),
+    samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~128 MB of activations per shard; 512 MB for --pooling none on a GPU)."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete run at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

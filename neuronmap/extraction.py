@@ -637,7 +637,7 @@ def extract(
         Prompts per forward pass; tokens per prompt (longer prompts are truncated and counted).
     samples_per_shard : int, optional
         Samples per shard; by default chosen so a shard buffers about 128 MB (one shard is computed
-        while the previous one is stored).
+        while the previous one is stored), 512 MB for per-token runs on CUDA (`shard_target_bytes`).
     engine : {"local", "ray", ...}
         `local` runs in this process; other engines are looked up in the `neuronmap.engines` entry
         point group (`ray`: a Ray Data pipeline over an actor pool, from the `actors` package). Every
