@@ -27,7 +27,7 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -100,39 +100,13 @@ def write_shard_file(
 
     Arrays must already be validated and cast.
     """
-    return start_shard_file(path, format, layer, activations, sample_ids, token_index, compression, attrs)()
-
-
-def start_shard_file(
-    path: str | os.PathLike,
-    format: str,
-    layer: str,
-    activations: np.ndarray,
-    sample_ids: np.ndarray,
-    token_index: np.ndarray | None,
-    compression: str | None = None,
-    attrs: dict | None = None,
-) -> Callable[[], tuple[str, int]]:
-    """Do now the part of writing a shard file that holds the GIL; return the rest as a function.
-
-    For an uncompressed HDF5 shard the part done now is HDF5's metadata (h5py holds the GIL
-    throughout); the function returned writes the activation bytes, hashes and fsyncs, all of which
-    release it. `RunWriter.write_shards` starts a shard's files one after another on its own thread
-    and runs the rest on I/O threads: 8 threads each doing a whole file contended for the GIL and
-    took 28 ms per shard of 12 small files on 2 CPUs, one thread doing it all 17 ms. Other formats
-    do everything in the returned function. Calling it returns (hex sha256, size in bytes).
-    """
     if format == "hdf5" and compression is None:
-        return _start_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs or {})
-
-    def write() -> tuple[str, int]:
-        if format == "hdf5":
-            _write_hdf5(path, layer, activations, sample_ids, token_index, compression, attrs or {})
-        else:
-            _write_parquet(path, layer, activations, sample_ids, token_index, compression, attrs or {})
-        return sync_and_hash(path)
-
-    return write
+        return _write_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs or {})
+    if format == "hdf5":
+        _write_hdf5(path, layer, activations, sample_ids, token_index, compression, attrs or {})
+    else:
+        _write_parquet(path, layer, activations, sample_ids, token_index, compression, attrs or {})
+    return sync_and_hash(path)
 
 
 def _h5_attrs(f: h5py.File, layer: str, activations: np.ndarray, attrs: dict) -> None:
@@ -143,7 +117,7 @@ def _h5_attrs(f: h5py.File, layer: str, activations: np.ndarray, attrs: dict) ->
         f.attrs[key] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
 
 
-def _start_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs) -> Callable[[], tuple[str, int]]:
+def _write_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs) -> tuple[str, int]:
     """An uncompressed shard: HDF5 writes only the metadata, the activation bytes go in with pwrite.
 
     The `activations` dataset is contiguous with its space allocated at creation and never filled,
@@ -153,7 +127,6 @@ def _start_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs)
     the GIL released, so the layers of a shard are written in parallel. The digest is computed from
     the file's metadata bytes (read back: a few KB) and the array in memory (the bytes just written),
     so the activations are never read back. The file is an ordinary HDF5 file: plain h5py reads it.
-    Here: the metadata (now); returned: the pwrite, hash and fsync (`_fill_hdf5_direct`).
     """
     data = np.ascontiguousarray(activations)
     ids = np.asarray(sample_ids, dtype=np.int64)
@@ -175,11 +148,6 @@ def _start_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs)
             offset = dataset.id.get_offset() if data.size else None
     except RuntimeError as error:  # HDF5 reports failed writes (errno = 28, ...) as RuntimeError
         raise OSError(f"HDF5 write failed: {_one_line(error)}") from error
-    return functools.partial(_fill_hdf5_direct, path, data, offset)
-
-
-def _fill_hdf5_direct(path, data: np.ndarray, offset: int | None) -> tuple[str, int]:
-    """Put `data`'s bytes into the hole HDF5 left at `offset`, hash the file, fsync it (GIL released)."""
     view = memoryview(data.reshape(-1)).cast("B")
     fd = os.open(path, os.O_RDWR)
     try:

@@ -40,7 +40,7 @@ from .manifest import (
     coverage_problems, fsync_dir, load_manifest, neuronmap_version, now_iso, shard_relpath, storage_error,
     write_manifest,
 )
-from .shards import check_compression, start_shard_file, write_shard_file
+from .shards import check_compression, write_shard_file
 from .validate import as_index, check_shard
 
 try:
@@ -51,8 +51,7 @@ except ImportError:  # Windows: single-process writing only
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-# Threads that write, fsync and hash the layers of one shard at once (I/O bound: more buys nothing;
-# the GIL-bound part of each file, HDF5's metadata, runs on the committing thread, see write_shards).
+# Threads that write, fsync and hash the layers of one shard at once (I/O bound: more buys nothing).
 SHARD_THREADS = 8
 # Fields that must be equal for an unfinished run to be resumed rather than refused.
 RESUME_KEYS = ("model", "config_hash", "tokenizer", "layers", "pooling", "dtype", "format", "compression",
@@ -253,18 +252,17 @@ class RunWriter:
         if not checked:
             return []
         temps = {args.relpath: self._tmp_name(self.path / args.relpath) for args in checked}
-        futures = []
+
+        def write_one(args: Any) -> tuple[str, int]:
+            tmp = temps[args.relpath]
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return write_shard_file(tmp, manifest.format, args.layer, args.activations, args.sample_ids,
+                                    args.token_index, manifest.compression,
+                                    attrs={"rows": list(args.rows), "samples": list(args.samples)})
+
         try:
-            try:  # each file's GIL-bound part here, one after another; its I/O on the pool meanwhile
-                for args in checked:
-                    tmp = temps[args.relpath]
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    finish = start_shard_file(tmp, manifest.format, args.layer, args.activations, args.sample_ids,
-                                              args.token_index, manifest.compression,
-                                              attrs={"rows": list(args.rows), "samples": list(args.samples)})
-                    futures.append(_io_pool().submit(finish))
-            finally:
-                wait(futures)  # all of them, also when one failed: cleanup below must not race a writer
+            futures = [_io_pool().submit(write_one, args) for args in checked]
+            wait(futures)  # all of them, also when one failed: cleanup below must not race a writer
             done = [future.result() for future in futures]
         except OSError as error:
             for tmp in temps.values():

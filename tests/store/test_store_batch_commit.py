@@ -49,30 +49,21 @@ def test_write_shards_equals_one_layer_at_a_time(tmp_path, fmt, per_token):
 
 
 @pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
-@pytest.mark.parametrize("phase", ["start", "finish"])
-def test_one_failing_layer_commits_no_layer_of_the_shard(tmp_path, monkeypatch, fmt, phase):
-    """A full disk in one layer's file, while the committing thread starts it (HDF5 metadata) or
-    while an I/O thread finishes it (bytes, fsync): no file of the shard is left or listed."""
+def test_one_failing_layer_commits_no_layer_of_the_shard(tmp_path, monkeypatch, fmt):
     written = write_run(tmp_path / "run", format=fmt, complete=False, n_shards_to_write=1)
     before_manifest = (tmp_path / "run" / "manifest.json").read_bytes()
     before_files = listing(tmp_path / "run")
     writer = RunWriter(tmp_path / "run", make_manifest(), format=fmt)
-    original = writer_module.start_shard_file
-
-    def full_disk(path):
-        with open(path, "ab") as fh:
-            fh.write(b"partial bytes")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    original = writer_module.write_shard_file
 
     def full_disk_on_second_layer(path, format, layer, *args, **kwargs):
-        if layer != "blocks.1.attn.pattern":
-            return original(path, format, layer, *args, **kwargs)
-        if phase == "start":
-            full_disk(path)
-        finish = original(path, format, layer, *args, **kwargs)
-        return lambda: (finish(), full_disk(path))
+        if layer == "blocks.1.attn.pattern":
+            with open(path, "ab") as fh:
+                fh.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path, format, layer, *args, **kwargs)
 
-    monkeypatch.setattr(writer_module, "start_shard_file", full_disk_on_second_layer)
+    monkeypatch.setattr(writer_module, "write_shard_file", full_disk_on_second_layer)
     rows = written.shard_rows[1]
     sl = slice(*rows)
     with pytest.raises(StorageError, match="disk full while writing .*re-run the same command"):
