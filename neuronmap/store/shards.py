@@ -134,9 +134,13 @@ def _write_hdf5_direct(path, layer, activations, sample_ids, token_index, attrs)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    payload = data.nbytes + ids.nbytes + (0 if tokens is None else tokens.nbytes)
+    # What HDF5 itself writes (metadata, sample ids, token positions) is reserved first, so a full disk
+    # fails here, before HDF5 has the file open; the activations' blocks are reserved below,
+    # just before the pwrite. (Reserving them here too cost an allocation that HDF5's truncating
+    # open gave straight back: more work for the filesystem's journal on every file.)
+    small = ids.nbytes + (0 if tokens is None else tokens.nbytes)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
-    _reserve(path, payload + (256 << 10))  # a full disk fails here, before HDF5 has the file open
+    _reserve(path, small + (256 << 10))
     try:
         with h5py.File(path, "w") as f:  # truncates: the file is HDF5's metadata and the dataset's hole
             _h5_attrs(f, layer, data, attrs)
