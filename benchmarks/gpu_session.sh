@@ -9,7 +9,8 @@
 # Order: what #2 still needs first, so a call cut short keeps it.
 #   1. gpu_extraction.py per-token: GPT-2-small shape, blocks.*, pooling none, extract MB/s against
 #      a raw write (#2's >= 0.8 target on a GPU), at the GPU default (512 MB shards) and at 128 MB.
-#   2. store_write.py: the store alone against a raw write + fsync of the same bytes, on that disk
+#   2. disk_latency.py: create, fsync and rename latency on that disk (the store's cost per file), then
+#      store_write.py: the store alone against a raw write + fsync of the same bytes, on that disk
 #      (12 layers x 100,000 rows x 768 float32 in 4 shards).
 #   3. gpu_extraction.py llama: a Llama-shaped ~1B model, mean-pooled blocks.*, tokens/s against a
 #      bare forward (#3's prepared GPU check).
@@ -54,6 +55,7 @@ step() {  # step NAME COMMAND...: run it, keep going on failure, say how it ende
 mkdir -p /tmp/gpu-session-store /tmp/gpu-session-extract
 step per_token "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip llama agreement \
     --workdir /tmp/gpu-session-extract --out "$OUT/per_token.json"
+step disk_latency "$PY" benchmarks/disk_latency.py --workdir /tmp/gpu-session-store --out "$OUT/disk_latency.json"
 step store_write "$PY" benchmarks/store_write.py "${store_args[@]}" --workdir /tmp/gpu-session-store \
     --out "$OUT/store_write.json"
 step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token agreement \
