@@ -28,7 +28,7 @@ import torch
 
 from .capture import Capture
 from .errors import ConfigError
-from .pooling import check_pooling, pool
+from .pooling import check_pooling, mean_pool, mean_weights, pool
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FORMATS = ("hdf5", "parquet")
@@ -293,8 +293,18 @@ class BatchPooler:
         self.pooling = pooling
         self.storage_dtype = storage_dtype
         self.pattern_width = pattern_width
-        self.mask: torch.Tensor | None = None
+        self.mask = None
         self.token_rows: torch.Tensor | None = None  # `real_token_index` of the batch, for pooling "none"
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The batch's attention mask (batch, seq); set before each forward."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask = value
+        self._mean_weights: torch.Tensor | None = None  # `mean_weights` of this mask, made by the first layer
 
     def __call__(self, ref: Any, tensor: torch.Tensor) -> torch.Tensor:
         assert self.mask is not None, "BatchPooler.mask must be set before each forward"
@@ -311,6 +321,11 @@ class BatchPooler:
             tensor = tensor.float()
         if self.pooling == "none" and self.token_rows is not None:
             return tensor.flatten(0, 1).index_select(0, self.token_rows).to(self.storage_dtype)
+        if self.pooling == "mean":  # one set of weights per batch for every layer
+            cached = self._mean_weights
+            if cached is None or cached.dtype != tensor.dtype or cached.device != tensor.device:
+                self._mean_weights = mean_weights(self.mask.to(tensor.device), tensor.dtype)
+            return mean_pool(tensor, self._mean_weights).to(self.storage_dtype)
         return pool(tensor, self.mask, self.pooling).to(self.storage_dtype)
 
 

@@ -371,3 +371,24 @@ def test_default_shard_size_is_larger_only_for_per_token_runs_on_a_gpu():
     assert extraction.shard_target_bytes("cpu", per_token=True) == extraction.SHARD_TARGET_BYTES
     assert extraction.shard_target_bytes("cuda:0", per_token=False) == extraction.SHARD_TARGET_BYTES
     assert extraction.shard_target_bytes("cuda", per_token=True) == extraction.SHARD_TARGET_BYTES_GPU_PER_TOKEN
+
+
+def test_batch_pooler_mean_uses_each_batchs_mask_for_every_layer():
+    """The mean weights are made once per batch and shared by the layers: a new mask must replace them,
+    and layers of another dtype (bfloat16 is pooled in float32) must get their own."""
+    from types import SimpleNamespace
+
+    from neuronmap.extraction import BatchPooler
+
+    pooler = BatchPooler("mean", torch.float32, pattern_width=4)
+    ref = SimpleNamespace(name="blocks.0", kind="hidden")
+    generator = torch.Generator().manual_seed(0)
+    for lengths in ([3, 1, 4], [2, 4], [1]):
+        width = max(lengths)
+        pooler.mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            hidden = torch.randn(len(lengths), width, 2, 3, generator=generator).to(dtype)
+            got = pooler(ref, hidden).numpy()
+            values = hidden.float().numpy()
+            expected = np.stack([values[i, :n].mean(0) for i, n in enumerate(lengths)])
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
