@@ -295,6 +295,7 @@ class BatchPooler:
         self.pattern_width = pattern_width
         self.mask = None
         self.token_rows: torch.Tensor | None = None  # `real_token_index` of the batch, for pooling "none"
+        self._scratch: torch.Tensor | None = None  # float32 copy of a half-precision layer (mean pooling)
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -317,8 +318,8 @@ class BatchPooler:
                 f"layer {ref.name!r} produced shape {tuple(tensor.shape)}, not (batch={batch}, seq={seq}, ...);"
                 " only token-aligned layers can be extracted, pick another layer"
             )
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            tensor = tensor.float()
+        if tensor.dtype in (torch.float16, torch.bfloat16):  # pooled in float32
+            tensor = self._float32_scratch(tensor) if self.pooling == "mean" else tensor.float()
         if self.pooling == "none" and self.token_rows is not None:
             return tensor.flatten(0, 1).index_select(0, self.token_rows).to(self.storage_dtype)
         if self.pooling == "mean":  # one set of weights per batch for every layer
@@ -327,6 +328,17 @@ class BatchPooler:
                 self._mean_weights = mean_weights(self.mask.to(tensor.device), tensor.dtype)
             return mean_pool(tensor, self._mean_weights).to(self.storage_dtype)
         return pool(tensor, self.mask, self.pooling).to(self.storage_dtype)
+
+    def _float32_scratch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in float32, in one buffer reused by every layer (mean pooling only: its `bmm` output is
+        new, so nothing keeps the buffer). A fresh `.float()` per layer is fresh memory per layer: on a
+        CPU its first touch cost more than the pooling (benchmarks/pooling.py, bfloat16)."""
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < tensor.numel() or scratch.device != tensor.device:
+            scratch = self._scratch = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+        out = scratch[: tensor.numel()].view(tensor.shape)
+        out.copy_(tensor)
+        return out
 
 
 def shard_target_bytes(device: Any, per_token: bool) -> int:
