@@ -14,7 +14,8 @@
 #      (12 layers x 100,000 rows x 768 float32 in 4 shards).
 #   3. gpu_extraction.py llama: a Llama-shaped ~1B model, mean-pooled blocks.*, tokens/s against a
 #      bare forward (#3's prepared GPU check).
-#   4. d2h_copy.py: a 128 MB shard copied to the host as extraction does (`.cpu()`) against reused
+#   4. pooling.py: mean pooling of 22 bfloat16 layers as extraction does it against the elementwise form.
+#   5. d2h_copy.py: a 128 MB shard copied to the host as extraction does (`.cpu()`) against reused
 #      pageable and pinned buffers: whether pinned shard buffers are worth building.
 # Each step writes its own JSON, so a step that fails or runs out of time loses only itself.
 # GPU_SESSION_QUICK=1 runs the same steps small on the CPU (a smoke run of this script).
@@ -37,10 +38,12 @@ if [ "${GPU_SESSION_QUICK:-0}" = 1 ]; then
     store_args=(--layers 2 --rows 2000 --shards 2 --repeats 3)
     gpu_args=(--device cpu --quick)
     d2h_args=(--device cpu --mb 16)
+    pool_args=(--device cpu --layers 4 --repeats 3)
 else
     store_args=(--layers 12 --rows 100000 --shards 4)
     gpu_args=()
     d2h_args=()
+    pool_args=(--device cuda --dtype bfloat16)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 fi
 
@@ -60,5 +63,6 @@ step store_write "$PY" benchmarks/store_write.py "${store_args[@]}" --workdir /t
     --out "$OUT/store_write.json"
 step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token agreement \
     --workdir /tmp/gpu-session-extract --out "$OUT/llama.json"
+step pooling "$PY" benchmarks/pooling.py "${pool_args[@]}" --out "$OUT/pooling.json"
 step d2h "$PY" benchmarks/d2h_copy.py "${d2h_args[@]}" --out "$OUT/d2h.json"
 rm -rf /tmp/gpu-session-store /tmp/gpu-session-extract
