@@ -77,3 +77,14 @@ def test_a_tokenizer_class_that_changes_the_call_is_called(tiny_model_dir):
     tokenizer.__class__ = Lowercasing
     assert token_ids._backend_encoder(tokenizer, 512) is None
     assert token_ids.ids_encoder(tokenizer, 512)(TEXTS, True) == reference_ids(base, [t.lower() for t in TEXTS], 512)
+
+
+def test_a_backend_path_that_raises_falls_back_to_the_call(tiny_model_dir, monkeypatch):
+    """Another transformers version may lack the internals the fast path uses: the call still works."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+
+    def broken(texts, truncate):
+        raise TypeError("set_truncation_and_padding() got an unexpected keyword argument 'padding_side'")
+
+    monkeypatch.setattr(token_ids, "_backend_encoder", lambda tok, max_length: broken)
+    assert token_ids.ids_encoder(tokenizer, 8)(TEXTS, True) == reference_ids(tokenizer, TEXTS, 8)
