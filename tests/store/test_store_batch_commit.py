@@ -93,6 +93,121 @@ def test_failing_manifest_rewrite_unlists_and_removes_every_renamed_file(tmp_pat
     assert len(load_manifest(tmp_path / "run").shards) == len(LAYERS)
 
 
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_failing_rename_lists_no_shard_and_leaves_no_file(tmp_path, monkeypatch, batch):
+    """The manifest lists a shard only after its file has its final name: a rename that fails lists nothing
+    (`write_shards`: the second of a shard's files fails, so the first must be removed again)."""
+    written = write_run(tmp_path / "run", complete=False, n_shards_to_write=1)
+    before_files = listing(tmp_path / "run")
+    before_manifest = (tmp_path / "run" / "manifest.json").read_bytes()
+    writer = RunWriter(tmp_path / "run", make_manifest())
+    rename = os.replace
+    shard_renames = []
+
+    def second_shard_rename_fails(src, dst):
+        if "activations" in str(dst):
+            shard_renames.append(dst)
+            if len(shard_renames) == (2 if batch else 1):  # in a batch one file is already renamed: it goes
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_shard_rename_fails)
+    rows = written.shard_rows[1]
+    sl = slice(*rows)
+    with pytest.raises(StorageError, match="disk full"):
+        if batch:
+            writer.write_shards(1, rows=rows, samples=rows, sample_ids=written.sample_ids[sl],
+                                arrays={name: written.arrays[name][sl] for name in LAYERS})
+        else:
+            writer.write_shard("blocks.0", 1, rows=rows, samples=rows, activations=written.arrays["blocks.0"][sl],
+                               sample_ids=written.sample_ids[sl])
+    monkeypatch.setattr(os, "replace", rename)
+    assert len(shard_renames) == (2 if batch else 1)
+    assert (tmp_path / "run" / "manifest.json").read_bytes() == before_manifest
+    assert listing(tmp_path / "run") == before_files
+
+
+_KILLED_WRITER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import pyarrow.parquet as pq
+from storetest_util import make_manifest, write_run
+from neuronmap.store import RunWriter
+
+run, fmt, marker = sys.argv[2:5]
+written = write_run(run, format=fmt, complete=False, n_shards_to_write=1)
+writer = RunWriter(run, make_manifest(), format=fmt)
+
+def hang():
+    open(marker, "w").close()
+    time.sleep(300)
+
+if fmt == "hdf5":  # uncompressed HDF5: metadata by HDF5, then one pwrite of the activations
+    pwrite = os.pwrite
+    def half_then_hang(fd, data, offset):
+        pwrite(fd, memoryview(data)[: len(data) // 2], offset)
+        hang()
+    os.pwrite = half_then_hang
+else:
+    write_table = pq.write_table
+    def some_then_hang(table, where, *args, **kwargs):
+        write_table(table.slice(0, 1), where, *args, **kwargs)
+        hang()
+    pq.write_table = some_then_hang
+rows = written.shard_rows[1]
+writer.write_shards(1, rows=rows, samples=rows, arrays={n: a[rows[0]:rows[1]] for n, a in written.arrays.items()},
+                    sample_ids=written.sample_ids[rows[0]:rows[1]])
+"""
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_a_writer_killed_mid_shard_leaves_only_whole_listed_shards(tmp_path, fmt):
+    """SIGKILL while shard bytes are half on disk: nothing under a shard's final name but whole listed
+    files, a valid manifest, and a reopened writer that finishes the run to the very same arrays."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from neuronmap.store import verify_run
+    from neuronmap.store.manifest import TMP_MARKER
+
+    run, marker = tmp_path / "run", tmp_path / "hanging"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(Path(__file__).parent), str(run), fmt,
+                              str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the writer never reached its shard bytes (exit code {child.poll()})"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+
+    manifest = load_manifest(run)
+    listed = sorted(shard.path for shard in manifest.shards)
+    assert len(listed) == len(LAYERS) and all("part-00000" in path for path in listed)
+    on_disk = [path for path in listing(run) if path.startswith("activations/")]
+    assert any(TMP_MARKER in path for path in on_disk)  # the half-written bytes were really there...
+    assert sorted(path for path in on_disk if TMP_MARKER not in path) == listed  # ...under temp names only
+
+    reference = write_run(tmp_path / "reference", format=fmt)  # same seed: the arrays the child was writing
+    writer = RunWriter(run, make_manifest(), format=fmt)  # resume: committed shards kept, temp files removed
+    assert not any(TMP_MARKER in path for path in listing(run))
+    for index, rows in enumerate(reference.shard_rows):
+        sl = slice(*rows)
+        if not writer.committed("blocks.0", index):
+            writer.write_shards(index, rows=rows, samples=rows, sample_ids=reference.sample_ids[sl],
+                                arrays={name: array[sl] for name, array in reference.arrays.items()})
+    writer.complete()
+    assert verify_run(run).ok
+    resumed = open_run(run)
+    for name, array in reference.arrays.items():
+        np.testing.assert_array_equal(resumed.array(name), array)
+
 def test_background_commits_overlap_and_reraise():
     started, release = threading.Event(), threading.Event()
     order = []

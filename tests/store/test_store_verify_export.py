@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import neuronmap.store.export as export_module
 from neuronmap.errors import ConfigError, RunFormatError, UnknownLayerError
 from neuronmap.store import convert_run, export_csv, load_manifest, open_run, verify_run
+from neuronmap.store.manifest import write_manifest
+from neuronmap.store.shards import sha256_file
 from storetest_util import LAYERS, write_run
 
 
@@ -35,6 +38,33 @@ def test_verify_detects_a_flipped_byte(tmp_path, fmt):
     assert not report.ok
     assert any(shard.path in p and "sha256" in p for p in report.problems)
 
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "parquet"])
+def test_verify_hashes_whole_shards_larger_than_a_read_block(tmp_path, fmt):
+    """A byte changed past the first MiB of a 1.5 MiB shard is found: the digest covers every block."""
+    write_run(tmp_path / "run", format=fmt, layers={"blocks.0": [131072]})  # 3 rows x 512 KiB per shard
+    shard = load_manifest(tmp_path / "run").shards[0]
+    path = tmp_path / "run" / shard.path
+    data = bytearray(path.read_bytes())
+    assert len(data) > 3 * 2**19
+    assert hashlib.sha256(data).hexdigest() == shard.sha256 == sha256_file(path) == sha256_file(path, block=4096)
+    data[(1 << 20) + 12345] ^= 0x01
+    path.write_bytes(bytes(data))
+    problems = verify_run(tmp_path / "run").problems
+    assert any(shard.path in p and "sha256" in p for p in problems), problems
+
+
+def test_verify_detects_an_interior_gap(tmp_path):
+    write_run(tmp_path / "run", complete=False)
+    manifest = load_manifest(tmp_path / "run")
+    middle = next(s for s in manifest.shards if s.layer == "blocks.0" and s.rows == (3, 6))
+    (tmp_path / "run" / middle.path).unlink()
+    manifest.shards = [s for s in manifest.shards if s is not middle]
+    write_manifest(tmp_path / "run", manifest)
+    problems = verify_run(tmp_path / "run").problems
+    assert "layer blocks.0: rows [3, 6) are in no shard" in problems
+    assert not any("blocks.1" in p or "module:" in p for p in problems)  # the other layers are whole
 
 def test_verify_detects_missing_shard_gap_and_status(tmp_path):
     write_run(tmp_path / "run", complete=False, n_shards_to_write=2)
