@@ -368,6 +368,9 @@ def _from_csv(path: Path, text_column: str | None, limit: int | None,
         first = next(chunks, None)
         if first is None:  # a header and no rows
             first = pd.read_csv(path, encoding="utf-8", nrows=0)
+        if not isinstance(first.index, pd.RangeIndex):  # pandas made the extra leading fields an index
+            raise PromptFileError(f"{where}: the first row has more fields than the header's {len(first.columns)} "
+                                  "columns; quote fields that contain commas, or name every column in the header")
         col = _pick_text_column(first, text_column, where)
         verbatim = None  # a second reader of the text column alone, opened at the first chunk that needs it
         start = 0

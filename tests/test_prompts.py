@@ -248,6 +248,15 @@ def test_malformed_csv(tmp_path):
     assert "p.csv" in msg and "CSV" in msg
 
 
+
+@pytest.mark.parametrize("extra", ["1,3,4", "1,3"])
+def test_csv_whose_first_row_outgrows_the_header_is_refused(tmp_path, extra):
+    """pandas would silently turn the extra leading fields into an index and store the wrong text."""
+    p = tmp_path / "p.csv"
+    p.write_text(f"text,label\na,{extra}\nb,2\n", encoding="utf-8")
+    msg = _err(p)
+    assert "p.csv" in msg and "more fields than the header" in msg and "quote" in msg
+
 def test_corrupt_parquet(tmp_path):
     p = tmp_path / "p.parquet"
     p.write_bytes(b"this is not parquet")

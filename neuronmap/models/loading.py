@@ -97,7 +97,14 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_load_report():
-        model, info = auto.from_pretrained(source, config=config, **kwargs)
+        try:
+            model, info = auto.from_pretrained(source, config=config, **kwargs)
+        except _weight_errors() as exc:
+            if isinstance(exc, RuntimeError) and not _is_checkpoint_problem(exc):
+                raise
+            where = repr(source) if name == source else f"{name!r} from {source!r}"
+            raise ConfigError(f"cannot load the weights of {where}: {_first_sentence(exc)}; "
+                              "save the model again with model.save_pretrained(folder) or download it again") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         warnings.warn(f"{name}: {len(missing)} weights are not in the checkpoint and were initialised at random "
@@ -152,6 +159,31 @@ def _device(device: str) -> torch.device:
     return target
 
 
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    """What `from_pretrained` raises for a missing, truncated or foreign checkpoint file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError, RuntimeError
+
+
+def _is_checkpoint_problem(error: RuntimeError) -> bool:
+    """torch's RuntimeErrors that mean a damaged or mismatched checkpoint, not a bug."""
+    text = str(error)
+    return any(key in text for key in ("size mismatch", "PytorchStreamReader", "Error(s) in loading state_dict",
+                                       "unexpected EOF", "zip archive"))
+
+
+def _first_sentence(error: BaseException, limit: int = 240) -> str:
+    """The first sentence of an error message, whole words only: for one-line messages."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = text.split(". ")[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
+
 def resolve_source(name_or_path: str | Path) -> tuple[str, str, ModelEntry | None, str | None]:
     """(display name, source for from_pretrained, registry entry or None, why the hub is unreachable or
     None). With the hub out of reach a hub id loads from the local cache only (`local_files_only`): one
@@ -162,7 +194,13 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, str, ModelEntry | Non
 
 def _resolve(name_or_path: str) -> tuple[str, str, ModelEntry | None]:
     """(display name, source for from_pretrained, registry entry or None)."""
+    if not name_or_path.strip():
+        raise UnknownModelError("the model name is empty: pass a local folder, a registry name or a hub id "
+                                "(see `neuronmap models list`)")
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise UnknownModelError(f"model {name_or_path!r} is a file, not a model folder: pass the folder that holds "
+                                "config.json and the weights, a registry name or a hub id")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModelError(f"folder {name_or_path!r} has no config.json: not a transformers model folder "
@@ -220,19 +258,36 @@ def _load_config(name: str, source: str, entry: ModelEntry | None, offline: str 
     try:
         return AutoConfig.from_pretrained(source, local_files_only=bool(offline))
     except (OSError, ValueError, KeyError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = _first_sentence(exc)
         if entry is not None:
             why = f"the hub is unreachable: {offline}" if offline else reason
             raise UnknownModelError(
                 f"model {name!r} (hub id {entry.hub_id}) is neither in the local Hugging Face cache nor reachable on "
                 f"the hub ({why}); download it once with network access or pass a local folder") from exc
         if Path(source).is_dir():
-            raise UnknownModelError(f"cannot read the model config in {source!r}: {reason}") from exc
+            model_type = _model_type(Path(source))
+            if model_type and "does not recognize this architecture" in str(exc):
+                import transformers
+
+                raise UnknownModelError(
+                    f"model type {model_type!r} in {source!r} is not known to transformers {transformers.__version__}: "
+                    "upgrade transformers, or pass a model of a supported architecture") from exc
+            raise UnknownModelError(f"cannot read the model config in {source!r}: {reason}; write config.json "
+                                    "with model.save_pretrained(folder)") from exc
         close = suggest(name)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         where = f"a cached hub id (the hub is unreachable: {offline})" if offline else "a reachable hub id"
         raise UnknownModelError(f"unknown model {name!r}: not a local folder, a registry name or {where}; "
                                 f"{hint}see `neuronmap models list`") from exc
+
+
+def _model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_tokenizer(name: str, source: str, local_only: bool = False):
@@ -243,6 +298,9 @@ def _load_tokenizer(name: str, source: str, local_only: bool = False):
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"model {name!r} has no loadable tokenizer in {source!r}: save one next to the weights "
                           "with tokenizer.save_pretrained(folder)") from exc
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer from a folder without vocabulary files
+        raise ConfigError(f"model {name!r} has no tokenizer vocabulary in {source!r} (no tokenizer.json or vocab "
+                          "files): save one next to the weights with tokenizer.save_pretrained(folder)")
     ensure_padding(tokenizer)
     return tokenizer
 

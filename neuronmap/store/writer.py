@@ -350,10 +350,7 @@ class RunWriter:
                                      "choose another output folder, it will not be deleted")
             return None
         if overwrite:
-            try:
-                shutil.rmtree(path)
-            except OSError as error:
-                raise StorageError(f"cannot delete the old run at {path} for --overwrite: {error.strerror or error}") from None
+            _delete_run(path)
             return None
         try:
             old = load_manifest(path)
@@ -550,6 +547,23 @@ def _io_pool() -> ThreadPoolExecutor:
         if _IO_POOL is None:
             _IO_POOL = ThreadPoolExecutor(max_workers=SHARD_THREADS, thread_name_prefix="neuronmap-shard")
         return _IO_POOL
+
+
+def _delete_run(path: Path) -> None:
+    """Delete the run at `path` for --overwrite, manifest first: a deletion that stops half way leaves a
+    folder that no longer claims to be a run, never a `complete` manifest over missing shards."""
+    try:
+        (path / MANIFEST_NAME).unlink()
+        fsync_dir(path)
+    except OSError as error:
+        raise StorageError(f"cannot delete the old run at {path} for --overwrite: {error.strerror or error}; "
+                           "fix the folder's permissions or choose another output folder (nothing was deleted)") from None
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        raise StorageError(f"cannot delete the rest of the old run at {path} for --overwrite: "
+                           f"{error.strerror or error}; its manifest is gone, so delete the folder by hand "
+                           "(fix its permissions) or choose another output folder") from None
 
 
 def _remove(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import warnings
 
@@ -105,6 +107,40 @@ def test_missing_folder_and_folder_without_config(tmp_path):
     with pytest.raises(UnknownModelError, match="has no config.json"):
         load_model(str(tmp_path), device="cpu")
 
+
+
+def test_empty_name_and_a_file_are_not_model_folders(tiny_model_dir):
+    with pytest.raises(UnknownModelError, match="model name is empty"):
+        load_model("  ", device="cpu")
+    with pytest.raises(UnknownModelError, match="is a file, not a model folder"):
+        load_model(str(tiny_model_dir("gpt2") / "config.json"), device="cpu")
+
+
+def _damaged_copy(tiny_model_dir, tmp_path, damage):
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir("gpt2"), folder)
+    damage(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: os.truncate(f / "model.safetensors", os.path.getsize(f / "model.safetensors") // 2),
+     "cannot load the weights of .*incomplete metadata"),
+    (lambda f: (f / "model.safetensors").unlink(), "cannot load the weights of .*no file named model.safetensors"),
+    (lambda f: (f / "tokenizer.json").unlink() or (f / "tokenizer_config.json").unlink(),
+     "has no tokenizer vocabulary"),
+    (lambda f: (f / "config.json").write_text(json.dumps({"model_type": "no_such_arch"})),
+     "model type 'no_such_arch' .* is not known to transformers"),
+])
+def test_a_damaged_model_folder_is_one_clear_line(tiny_model_dir, tmp_path, damage, message):
+    """Truncated or missing weights, no tokenizer files, an unknown architecture: each a user error naming
+    the folder and the fix, not an internal error from deep inside transformers."""
+    folder = _damaged_copy(tiny_model_dir, tmp_path, damage)
+    with pytest.raises((ConfigError, UnknownModelError), match=message) as info:
+        load_model(str(folder), device="cpu")
+    text = str(info.value)
+    assert "\n" not in text and str(folder) in text
+    assert any(fix in text for fix in ("save_pretrained", "upgrade transformers"))
 
 def test_bad_dtype_and_device_are_config_errors(tiny_model_dir):
     with pytest.raises(ConfigError, match="dtype 'float64'"):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from neuronmap.errors import ConfigError, RunExistsError, RunFormatError
+from neuronmap.errors import ConfigError, RunExistsError, RunFormatError, StorageError
 from neuronmap.store import RunWriter, load_manifest, open_run
 from storetest_util import LAYERS, listing, make_manifest, write_run
 
@@ -92,6 +93,28 @@ def test_complete_run_needs_overwrite(tmp_path):
     assert listing(tmp_path / "run") == ["manifest.json"]
     assert writer.manifest.format == "parquet" and writer.manifest.status == "running"
 
+
+
+def test_overwrite_that_fails_half_way_leaves_no_manifest_claiming_the_run(tmp_path, monkeypatch):
+    import shutil
+
+    import neuronmap.store.writer as writer_module
+
+    write_run(tmp_path / "run")
+    delete = shutil.rmtree
+
+    def fails_after_the_shards(path, *args, **kwargs):  # e.g. one read-only file further down
+        delete(Path(path) / "activations")
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(writer_module.shutil, "rmtree", fails_after_the_shards)
+    with pytest.raises(StorageError, match="manifest is gone") as info:
+        RunWriter(tmp_path / "run", make_manifest(), overwrite=True)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "manifest.json").exists()  # nothing claims the shards that are gone
+    monkeypatch.undo()
+    with pytest.raises(RunExistsError, match="not a NeuronMap run"):
+        RunWriter(tmp_path / "run", make_manifest())
 
 def test_folder_that_is_not_a_run_is_never_deleted(tmp_path):
     (tmp_path / "mine").mkdir()
