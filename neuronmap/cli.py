@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import NeuronMapError
+from .errors import ConfigError, NeuronMapError
 
 app = typer.Typer(help="Extract, store and analyse activations of transformer models.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -383,8 +383,20 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def _refuse_blank_out(argv: list[str]) -> None:
+    """`-o ''` reaches a command as Path('.'), the working folder: say what was typed instead."""
+    for i, token in enumerate(argv):
+        if token.startswith("--out="):
+            value: str | None = token.split("=", 1)[1]
+        else:
+            value = argv[i + 1] if token in ("-o", "--out") and i + 1 < len(argv) else None
+        if value is not None and not value.strip():
+            raise ConfigError(f"{token.split('=')[0]} is empty: give a path, e.g. --out runs/my-run")
+
+
 def _main(argv: list[str] | None) -> int:
     try:
+        _refuse_blank_out([str(token) for token in (sys.argv[1:] if argv is None else argv)])
         result = app(args=argv, standalone_mode=False)
     except NeuronMapError as error:
         err_console.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
@@ -392,7 +404,10 @@ def _main(argv: list[str] | None) -> int:
     except _click_exceptions("Exit") as done:
         return done.exit_code
     except _click_exceptions("ClickException") as error:  # usage: unknown command, missing or bad option
-        error.show()
+        message = " ".join(error.format_message().split()).rstrip(".")
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err_console.print(f"[red]error:[/] {escape(message)}{hint}", highlight=False, soft_wrap=True)
         return error.exit_code
     except (*_click_exceptions("Abort"), KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]: re-run the same command to resume")

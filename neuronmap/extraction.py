@@ -696,6 +696,8 @@ def extract(
         raise ConfigError(f"max_length={max_length} must be >= 2")
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    if out is not None and not str(out).strip():
+        raise ConfigError("out is empty: give the run folder, e.g. out='runs/my-run' (--out runs/my-run)")
 
     cluster = {"address": address, "workers": workers, "cpus_per_worker": cpus_per_worker,
                "gpus_per_worker": gpus_per_worker, "stages": stages, "cpus_per_stage": cpus_per_stage,

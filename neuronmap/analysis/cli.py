@@ -163,6 +163,8 @@ def analyze_command(
     if run is None or analysis is None:
         raise ConfigError("analyze needs RUN and ANALYSIS, e.g. `neuronmap analyze runs/gpt2 stats --layers 'blocks.*'`; "
                           "`neuronmap analyze --list` shows the analyses")
+    if layers is not None and not layers.strip():
+        raise ConfigError("--layers is empty: leave it out to analyse every layer, or name some, e.g. 'blocks.*'")
     from .registry import get_analysis
     from .runner import analyze
 

@@ -13,14 +13,24 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+from ..errors import ConfigError
+
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
 
 def split_spec(spec: str | Sequence[str]) -> list[str]:
-    """``"a, b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]`` (stripped, empties dropped)."""
+    """``"a, b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]`` (stripped).
+
+    An empty name beside others (``"a,,b"``, ``"a,"``) is a typo, not a wish: ConfigError. A spec with no
+    names at all gives ``[]``, which each caller words for itself.
+    """
     parts = [spec] if isinstance(spec, str) else list(spec)
-    return [item.strip() for part in parts for item in str(part).split(",") if item.strip()]
+    items = [item.strip() for part in parts for item in str(part).split(",")]
+    if any(items) and not all(items):
+        raise ConfigError(f"layer spec {spec!r} has an empty name (two commas in a row, or one at an end); "
+                          "remove the extra comma")
+    return [item for item in items if item]
 
 
 def expand_ranges(item: str) -> list[str] | None:

@@ -79,7 +79,7 @@ def test_clustering_with_labels_and_list(capsys, extracted):
 
 
 @pytest.mark.parametrize("case", ["analysis", "layer", "param_range", "param_form", "labels", "perplexity", "no_run",
-                                  "no_args", "engine"])
+                                  "no_args", "engine", "empty_layers", "empty_layer_name"])
 def test_bad_input_is_one_line_and_exit_2(capsys, extracted, tmp_path, case):
     args, words = {
         "analysis": (["pcaa"], ["pcaa", "pca"]),
@@ -91,6 +91,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys, extracted, tmp_path, case):
         "no_run": (None, ["does not exist"]),
         "no_args": ([], ["needs run and analysis"]),
         "engine": (["stats", "--engine", "spark"], ["spark", "local"]),
+        "empty_layers": (["stats", "-l", " "], ["--layers is empty", "leave it out"]),
+        "empty_layer_name": (["stats", "-l", "blocks.0,,blocks.1"], ["blocks.0,,blocks.1", "empty name"]),
     }[case]
     if case == "no_run":
         argv = ["analyze", tmp_path / "missing", "stats"]

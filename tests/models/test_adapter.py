@@ -172,6 +172,14 @@ def test_every_family_lists_attn_mlp_and_patterns(family, tiny_model):
     assert adapter.model.config._attn_implementation == "sdpa"
 
 
+
+@pytest.mark.parametrize("spec", ["blocks.0,,blocks.1", "blocks.0,", ",blocks.0", ["blocks.0", ""]])
+def test_an_empty_name_beside_others_is_an_error_not_dropped(tiny_model, spec):
+    from neuronmap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="empty name .* remove the extra comma"):
+        tiny_model("gpt2").adapter.resolve(spec)
+
 def test_spec_syntax(tiny_model):
     adapter = tiny_model("gpt2").adapter
     names = lambda spec: [ref.name for ref in adapter.resolve(spec)]  # noqa: E731
