@@ -271,7 +271,8 @@ def load_manifest(run: str | os.PathLike) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as error:
-        raise RunFormatError(f"{path} is not a valid run manifest: {_first_error(error)}") from None
+        raise RunFormatError(f"{path} is not a valid run manifest: {_first_error(error)}; restore it from a backup or "
+                             "extract the run again with --overwrite") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -304,6 +305,8 @@ def storage_error(error: OSError, path: str | os.PathLike, resumable: bool = Tru
     if errno_ in (17, 20) and blocker is not None:
         return StorageError(f"could not write {path}: {blocker} is a file, not a folder; choose another output path")
     reason = (getattr(error, "strerror", None) or text or type(error).__name__).replace("\n", " ")
+    if errno_ == 2:  # the folder cannot be made there (e.g. under /proc), or it went away
+        return StorageError(f"could not write {path}: {reason}; choose another output folder (--out)")
     return StorageError(f"could not write {path}: {reason}; fix it and {again}")
 
 

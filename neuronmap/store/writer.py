@@ -260,6 +260,7 @@ class RunWriter:
                                     args.token_index, manifest.compression,
                                     attrs={"rows": list(args.rows), "samples": list(args.samples)})
 
+        futures = []
         try:
             futures = [_io_pool().submit(write_one, args) for args in checked]
             wait(futures)  # all of them, also when one failed: cleanup below must not race a writer
@@ -267,7 +268,8 @@ class RunWriter:
         except OSError as error:
             for tmp in temps.values():
                 _remove(tmp)
-            raise storage_error(error, self.path / checked[0].relpath) from None
+            failed = next((args for args, future in zip(checked, futures) if future.exception() is error), checked[0])
+            raise storage_error(error, self.path / failed.relpath) from None
         except BaseException:
             for tmp in temps.values():
                 _remove(tmp)

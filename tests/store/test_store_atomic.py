@@ -121,6 +121,14 @@ def test_unwritable_output_is_one_line_storage_error(tmp_path):
     assert "\n" not in str(info.value) and "run" in str(info.value)
 
 
+
+def test_an_output_folder_that_cannot_be_made_says_choose_another(tmp_path):
+    """/proc/run and the like: nothing was started, so nothing to resume."""
+    from neuronmap.store.manifest import storage_error
+
+    message = str(storage_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)), tmp_path / "x" / "run"))
+    assert "choose another output folder (--out)" in message and "resume" not in message
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores permissions")
 def test_read_only_folder_is_storage_error(tmp_path):
     locked = tmp_path / "locked"

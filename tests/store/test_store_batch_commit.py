@@ -66,9 +66,10 @@ def test_one_failing_layer_commits_no_layer_of_the_shard(tmp_path, monkeypatch, 
     monkeypatch.setattr(writer_module, "write_shard_file", full_disk_on_second_layer)
     rows = written.shard_rows[1]
     sl = slice(*rows)
-    with pytest.raises(StorageError, match="disk full while writing .*re-run the same command"):
+    with pytest.raises(StorageError, match="disk full while writing .*re-run the same command") as info:
         writer.write_shards(1, rows=rows, samples=rows, arrays={name: written.arrays[name][sl] for name in LAYERS},
                             sample_ids=written.sample_ids[sl])
+    assert "blocks.1.attn.pattern/part-00001" in str(info.value)  # the file that failed, not the first layer's
     assert (tmp_path / "run" / "manifest.json").read_bytes() == before_manifest
     assert listing(tmp_path / "run") == before_files  # no temp file, no renamed file of the healthy layers
     assert len(load_manifest(tmp_path / "run").shards) == len(LAYERS)

@@ -130,7 +130,7 @@ def test_open_run_errors_are_one_line(tmp_path):
         open_run(tmp_path / "run")
     assert "\n" not in str(info.value)
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"schema_version": 1, "status": "odd"}))
-    with pytest.raises(RunFormatError, match="not a valid run manifest") as info:
+    with pytest.raises(RunFormatError, match="not a valid run manifest.*--overwrite") as info:
         open_run(tmp_path / "run")
     assert "\n" not in str(info.value)
 
