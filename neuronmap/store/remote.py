@@ -60,7 +60,7 @@ def is_remote(path: Any) -> bool:
     """True for an `s3://` URL. Also for one that went through `pathlib.Path`, which folds `//` into `/`."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
-    return isinstance(path, str) and (path.startswith(SCHEME) or path.startswith("s3:/"))
+    return isinstance(path, str) and (path.startswith(SCHEME) or path.startswith("s3:/") or path == "s3:")
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,15 @@ def filesystem() -> Any:
     return pafs.S3FileSystem(**kwargs)
 
 
+READS = ("reading", "listing")  # what `_storage` does without writing: nothing to resume after these
+
+
 def _storage_error(error: OSError, location: Location, doing: str) -> StorageError:
     reason = " ".join(str(error).split())[:300] or type(error).__name__
     where = f" at {endpoint()}" if endpoint() else ""
     return StorageError(f"object storage{where} failed while {doing} {location.url}: {reason}; check the bucket, "
                         "the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the endpoint "
-                        "(NEURONMAP_S3_ENDPOINT), then re-run the same command to resume")
+                        f"(NEURONMAP_S3_ENDPOINT), then re-run the same command{'' if doing in READS else ' to resume'}")
 
 
 @contextlib.contextmanager

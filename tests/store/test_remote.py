@@ -250,6 +250,9 @@ def test_unreachable_endpoint_is_one_line_within_seconds(monkeypatch, tmp_path, 
     assert time.monotonic() - started < 30
     message = str(caught.value)
     assert "\n" not in message and f"127.0.0.1:{port}" in message and "NEURONMAP_S3_ENDPOINT" in message
+    with pytest.raises(StorageError) as caught:  # reading: nothing to resume
+        remote.open_remote_run("s3://bucket/runs/x")
+    assert "re-run the same command" in str(caught.value) and "resume" not in str(caught.value)
 
 
 @pytest.mark.parametrize("url", ["s3://", "s3://bucket", "s3://bucket/", "s3://bucket/a/../b", "s3:/"])
@@ -262,5 +265,8 @@ def test_a_url_folded_by_pathlib_is_still_recognised():
     from pathlib import Path
 
     assert remote.is_remote("s3://b/p") and remote.is_remote(Path("s3://b/runs/p"))
+    assert remote.is_remote(Path("s3://"))  # folded to "s3:": a URL without a bucket, not a local folder
+    with pytest.raises(ConfigError, match="use s3://BUCKET/PREFIX"):
+        remote.parse_url(Path("s3://"))
     assert remote.parse_url(Path("s3://b/runs/p")).url == "s3://b/runs/p"
     assert not remote.is_remote("runs/s3") and not remote.is_remote(Path("/tmp/x"))
