@@ -83,7 +83,10 @@ def staging_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(out, host)
-        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{host}-{os.getpid()}-", dir=out.parent))
+        # the run's name cut short: a name near the filesystem's 255 bytes must not fail here, in a folder
+        # the user never asked for, when the run folder itself can be made
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}{STAGING_MARK}{host}-{os.getpid()}-",
+                                       dir=out.parent))
     except OSError as error:
         raise storage_error(error, out) from None
     try:
@@ -96,7 +99,7 @@ def _host() -> str:
     """This machine's name, safe in a file name."""
     import socket
 
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:64] or "host"
 
 
 def _remove_abandoned(out: Path, host: str) -> None:

@@ -169,6 +169,12 @@ def test_a_table_hashes_the_same_in_memory_and_once_stored(tmp_path):
     assert prompt_source_hash(load_prompts(changed)) != staged.source_hash
 
 
+
+def test_a_run_name_near_the_filesystems_limit_still_stages(tmp_path):
+    out = tmp_path / ("r" * 250)  # a valid folder name; with the staging suffix it would pass 255 bytes
+    with staging_folder(out) as folder:
+        assert folder.parent == out.parent and len(folder.name) < 200
+
 def test_staging_folders_left_by_killed_processes_are_removed_by_the_next_run_beside_them(tmp_path):
     import os
     import signal
