@@ -234,14 +234,18 @@ def runs_verify(run: Path = typer.Argument(..., help="Run directory."),
     """Recheck every shard's sha256 and that the shards cover every row exactly once."""
     from .store import verify_run
     from .store.manifest import MANIFEST_NAME, load_manifest
+    from .store.remote import is_remote, verify_remote_run
 
-    if not (run / MANIFEST_NAME).is_file():  # not a run at all: a usage mistake (exit 2), not a failed check
-        load_manifest(run)
-    report = verify_run(run)
+    if is_remote(run):  # every object downloaded and checked against its sha256, then the copy checked
+        report = verify_remote_run(run)
+    else:
+        if not (run / MANIFEST_NAME).is_file():  # not a run at all: a usage mistake (exit 2), not a failed check
+            load_manifest(run)
+        report = verify_run(run)
     if as_json:
         _print_json({"ok": report.ok, "problems": report.problems})
     elif report.ok:
-        console.print(f"[green]ok[/]: {run} verified")
+        console.print(f"[green]ok[/]: {report.path} verified")
     else:
         for problem in report.problems:  # one line each, also when stderr is not a terminal
             err_console.print(f"[red]{escape(problem)}[/]", highlight=False, soft_wrap=True)
@@ -276,7 +280,7 @@ def runs_export(
         path = convert_run(source, out, format=to, overwrite=overwrite)
     else:
         raise ConfigError(f"--to {to!r} is not supported; use csv, hdf5 or parquet")
-    console.print(f"exported {run} to [bold]{path}[/]")
+    console.print(f"exported {getattr(source, 'url', run)} to [bold]{path}[/]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,6 +307,12 @@ def analyze(run: str | os.PathLike | Run, analysis: str, layers: str | list[str]
         still running, ...) are recorded in it and also raised as `UserWarning`s.
     """
     started = time.perf_counter()
+    from ..store.remote import RemoteRun, is_remote
+
+    if is_remote(run) and not isinstance(run, Run):
+        run = open_run(run)
+    if isinstance(run, RemoteRun):  # analyses read shards as files: fetch them all (sha256-checked) first
+        run = run.local_copy()
     run = open_run(run.path if isinstance(run, Run) else Path(run))  # reopen: the latest manifest
     if not isinstance(analysis, str):
         raise ConfigError(f"analysis={analysis!r} must be a name; see `neuronmap analyze --list`")

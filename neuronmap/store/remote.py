@@ -441,6 +441,18 @@ class RemoteRun(Run):
     def check_intact(self, layers: list[str] | None = None) -> None:
         """Nothing to do up front: each file is checked against its sha256 as it is fetched."""
 
+    def local_copy(self) -> Run:
+        """Fetch every file of the run (each checked against its sha256) and return the local copy in the
+        cache as an ordinary `Run`: for what reads shards as files (analyses, `runs verify`). Analyses of
+        it are written beside that copy, under `NEURONMAP_CACHE_DIR`, not to the bucket."""
+        from .manifest import write_manifest
+
+        self._fetch(PROMPTS_NAME, None)
+        for shard in self.manifest.shards:
+            self._fetch(shard.path, shard)
+        write_manifest(self.path, self.manifest)  # the bucket's manifest, beside the files it lists
+        return Run(self.path, self.manifest)
+
     def _iter_field(self, layer: str, field: str, start: int, end: int, max_rows: int):
         for shard in self.manifest.shards_of(layer):
             if shard.rows[1] > start and shard.rows[0] < end:
@@ -470,6 +482,29 @@ class RemoteRun(Run):
                 raise RunFormatError(f"{self.url}/{relpath} does not match the sha256 in its manifest; the object "
                                      "was changed outside neuronmap: re-extract with --overwrite")
         self._ready.add(relpath)
+
+
+def verify_remote_run(url: Any) -> Any:
+    """`verify_run` for a run on object storage: every listed object is downloaded into the cache and
+    checked against its sha256, then the local copy is checked as a local run is. Problems are
+    reported, never raised (as `verify_run`)."""
+    from .manifest import write_manifest
+    from .verify import verify_run
+
+    run = open_remote_run(url)
+    fetched, failed = [], []
+    for relpath, record in [(PROMPTS_NAME, None), *((shard.path, shard) for shard in run.manifest.shards)]:
+        try:
+            run._fetch(relpath, record)
+        except RunFormatError as error:
+            fetched.append(str(error))
+            failed.append(relpath)
+    write_manifest(run.path, run.manifest)
+    report = verify_run(run.path)
+    report.path = run.url
+    report.problems = fetched + [p for p in report.problems if not any(relpath in p for relpath in failed)]
+    report.ok = not report.problems
+    return report
 
 
 def open_remote_run(url: Any, require_complete: bool = False) -> RemoteRun:

@@ -234,6 +234,42 @@ def test_a_changed_object_is_refused_on_read(s3_bucket, gpt2_dir):
         remote.open_remote_run(f"s3://{name}/nothing/here")
 
 
+
+def test_analyze_verify_and_export_read_a_run_on_s3_as_a_local_one(s3_bucket, gpt2_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The commands that take a run accept its s3:// URL: the shards are fetched (sha256-checked) into the
+    cache, so analyses equal those of the same run extracted to a local folder."""
+    import json
+
+    from neuronmap.analysis import analyze
+    from neuronmap.cli import main
+
+    name, client = s3_bucket
+    url = f"s3://{name}/runs/a"
+    options = dict(model=gpt2_dir, prompts=PROMPTS, layers="blocks.0,blocks.1", format="parquet")
+    remote.extract_to_remote(neuronmap.extract, url, **options)
+    local = neuronmap.extract(out=tmp_path / "local", **options)
+
+    assert main(["analyze", url, "stats", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["units"]
+    theirs = analyze(local, "stats")
+    assert set(ours) == set(theirs.units) == {"blocks.0", "blocks.1"}
+    for layer in ours:
+        for metric in ("mean", "std"):
+            np.testing.assert_allclose(ours[layer]["metrics"][metric], theirs.metrics(layer)[metric], rtol=1e-6)
+
+    assert main(["runs", "verify", url]) == 0
+    assert f"{url} verified" in capsys.readouterr().out
+    assert main(["runs", "export", url, "--to", "csv", "--out", tmp_path / "a.csv"]) == 0
+    assert f"exported {url} to" in " ".join(capsys.readouterr().out.split())
+
+    key = f"runs/a/{local.manifest.shards[0].path}"
+    client.put_object(Bucket=name, Key=key, Body=b"not the shard")
+    monkeypatch.setenv("NEURONMAP_CACHE_DIR", str(tmp_path / "fresh-cache"))  # has not seen the good bytes
+    assert main(["runs", "verify", url]) == 3
+    problems = capsys.readouterr().err
+    assert "does not match the sha256" in problems and problems.count(local.manifest.shards[0].path) == 1
+
 def test_unreachable_endpoint_is_one_line_within_seconds(monkeypatch, tmp_path, gpt2_dir):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
