@@ -189,6 +189,9 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "layers": {name: info.shape for name, info in manifest.layers.items()},
         "shards": len(manifest.shards), "bytes": total_bytes, "created": manifest.created,
         "prompt_columns": [c for c in run.prompt_columns if c not in ("sample_id", "text")],
+        "rows": {name: run.n_rows(name) for name in run.layers},
+        "rows_committed": {name: sum(shard.rows[1] - shard.rows[0] for shard in manifest.shards_of(name))
+                           for name in run.layers},
     }
 
 
@@ -210,8 +213,13 @@ def _show_run(run: Any, as_json: bool) -> None:
     table = Table()
     table.add_column("layer")
     table.add_column("rows x shape")
+    if status != "complete":
+        table.add_column("committed")
     for name in run.layers:
-        table.add_row(name, f"{run.n_rows(name)} x {tuple(summary['layers'][name])}")
+        cells = [name, f"{summary['rows'][name]} x {tuple(summary['layers'][name])}"]
+        if status != "complete":
+            cells.append(f"{summary['rows_committed'][name]} rows")
+        table.add_row(*cells)
     console.print(table)
     if status == "running":
         console.print("[yellow]this run is incomplete: re-run the same `neuronmap extract` command to resume it[/]")

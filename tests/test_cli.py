@@ -63,6 +63,23 @@ def test_extract_then_show_verify_export(capsys, gpt2_dir, prompts, tmp_path):
     np.testing.assert_allclose(table.filter(like="blocks.1").to_numpy(), open_run(out).array("blocks.1"), rtol=1e-6)
 
 
+
+def test_show_counts_the_rows_an_unfinished_run_has_committed(capsys, gpt2_dir, prompts, tmp_path):
+    from neuronmap.store.manifest import load_manifest, write_manifest
+
+    out = tmp_path / "run"
+    assert run_cli(capsys, "extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0", "-o", out,
+                   "--samples-per-shard", "2", "-q")[0] == 0
+    manifest = load_manifest(out)  # as if killed before the last shard: 2 of 3 rows committed
+    manifest.shards = [shard for shard in manifest.shards if shard.rows[0] == 0]
+    manifest.status = "running"
+    write_manifest(out, manifest)
+    code, stdout, _ = run_cli(capsys, "runs", "show", out, "--json")
+    summary = json.loads(stdout)
+    assert code == 0 and summary["rows"] == {"blocks.0": 3} and summary["rows_committed"] == {"blocks.0": 2}
+    code, stdout, _ = run_cli(capsys, "runs", "show", out)
+    assert code == 0 and "2 rows" in stdout and "incomplete" in stdout
+
 def test_verify_reports_corruption_with_exit_3(capsys, gpt2_dir, prompts, tmp_path):
     out = tmp_path / "run"
     assert run_cli(capsys, "extract", "-m", gpt2_dir, "-p", prompts, "-l", "blocks.0", "-o", out, "-q")[0] == 0
