@@ -141,12 +141,25 @@ def models_layers(
     model: str = typer.Argument(..., help="Registry name, local folder or hub id."),
     device: str = typer.Option("cpu", help="Device for the shape probe."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    modules: bool = typer.Option(False, "--modules", help="List every raw module as module:<dotted.path> instead."),
 ) -> None:
-    """List a model's canonical layer names with their shapes."""
+    """List a model's canonical layer names with their shapes (or, with --modules, its raw module paths)."""
     from .models import load_model
 
     _quiet_libraries()
     loaded = load_model(model, device=device)
+    if modules:  # what `module:<path>` accepts: model.named_modules() of the loaded model
+        named = [(f"module:{name}", type(module).__name__) for name, module in loaded.model.named_modules() if name]
+        if as_json:
+            _print_json([{"name": name, "type": kind} for name, kind in named])
+            return
+        table = Table(title=f"{loaded.name}: {len(named)} modules ({loaded.family})")
+        for column in ("layer spec", "type"):
+            table.add_column(column)
+        for name, kind in named:
+            table.add_row(name, kind)
+        console.print(table)
+        return
     rows = loaded.adapter.describe(loaded.tokenizer)
     if as_json:
         _print_json([{"name": r.name, "kind": r.kind, "module": r.module_path, "shape": list(r.shape)} for r in rows])

@@ -235,6 +235,17 @@ def test_models_commands(capsys, gpt2_dir, tmp_path):
     code, stdout, _ = run_cli(capsys, "models", "layers", gpt2_dir, "--json")
     layers = {row["name"]: row["shape"] for row in json.loads(stdout)}
     assert code == 0 and layers["blocks.0"] == [64] and "blocks.0.attn.pattern" in layers
+    code, stdout, _ = run_cli(capsys, "models", "layers", gpt2_dir, "--modules", "--json")
+    listed = {row["name"]: row["type"] for row in json.loads(stdout)}
+    from transformers import AutoModel
+
+    expected = {f"module:{name}": type(module).__name__ for name, module in
+                AutoModel.from_pretrained(gpt2_dir).named_modules() if name}
+    assert code == 0 and listed == expected and listed["module:h.0.mlp.c_fc"] == "Conv1D"
+    (tmp_path / "p.txt").write_text("Hello world\n")
+    code, _, _ = run_cli(capsys, "extract", "-m", gpt2_dir, "-p", tmp_path / "p.txt", "-l", "module:h.0.mlp.c_fc",
+                         "-o", tmp_path / "raw", "-q")  # a listed path extracts
+    assert code == 0
     code, _, _ = run_cli(capsys, "models", "make-tiny", "opt", tmp_path / "opt")
     assert code == 0 and (tmp_path / "opt" / "config.json").exists()
     code, _, err = run_cli(capsys, "models", "make-tiny", "gpt5", tmp_path / "x")
