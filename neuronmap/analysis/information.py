@@ -179,8 +179,9 @@ def check_bins(bins: int, n_rows: int, where: str = "", default: int = 32) -> in
     """
     bins = _check_int("bins", bins, 2)
     if bins > max(n_rows, default):
-        raise ConfigError(f"bins={bins} is more than the {n_rows} rows{' of ' + where if where else ''}: use at most "
-                          f"one bin per row (keep rows >> bins), e.g. bins={max(2, min(default, n_rows))}")
+        raise ConfigError(f"bins={bins} is too many for the {n_rows} rows{' of ' + where if where else ''}: use at "
+                          f"most {max(n_rows, default)} (one bin per row, or the default {default} on fewer rows; keep "
+                          f"rows >> bins), e.g. bins={max(2, min(default, n_rows))}")
     return bins
 
 

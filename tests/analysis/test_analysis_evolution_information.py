@@ -143,7 +143,7 @@ def test_bins_above_the_rows_are_one_line_and_write_nothing(capsys, run, analysi
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert f"bins={int(float(bins))} is more than the 150 rows of layer" in err
+    assert f"bins={int(float(bins))} is too many for the 150 rows of layer" in err
     assert f"e.g. bins={16 if analysis == 'layer-mi' else 32}" in err  # the analysis default
     after = sorted(p.name for p in (run / "analyses").iterdir()) if (run / "analyses").exists() else []
     assert after == before
