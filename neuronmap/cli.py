@@ -85,7 +85,7 @@ def extract(
     max_length: int = typer.Option(512, help="Tokens per prompt; longer prompts are truncated (counted)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     model_dtype: str = typer.Option("auto", help="Compute dtype: auto | float32 | float16 | bfloat16."),
-    compression: Optional[str] = typer.Option(None, help="HDF5: gzip | lzf; Parquet: zstd | snappy."),
+    compression: Optional[str] = typer.Option(None, help="HDF5: gzip | lzf; Parquet: zstd | snappy | gzip | lz4 | brotli."),
     text_column: Optional[str] = typer.Option(None, help="Column holding the prompt text (csv/jsonl/parquet)."),
     samples_per_shard: Optional[int] = typer.Option(None, help="Samples per shard (default: ~128 MB of activations per shard; 512 MB for --pooling none on a GPU)."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete run at --out."),
