@@ -19,7 +19,7 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pandas as pd
@@ -199,13 +199,46 @@ def probe(x: np.ndarray, y: np.ndarray, task: Task = "auto", n_splits: int = 5, 
                        n_classes=n_classes)
 
 
-def accuracy_by_layer(units: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
-    """The accuracy-by-layer curve from per-layer probe metrics (e.g. a `probe` artifact's units' metrics).
+CURVE_COLUMNS = ["layer", "accuracy_mean", "accuracy_std", "control_accuracy", "selectivity"]
 
-    Returns a DataFrame with columns layer, accuracy_mean, accuracy_std, control_accuracy, selectivity,
-    in the order given (the run's layer order).
+
+def accuracy_by_layer(source: Any) -> pd.DataFrame:
+    """The accuracy-by-layer curve of a `probe` analysis, one row per layer.
+
+    Parameters
+    ----------
+    source : Artifact, dict or mapping
+        What `analyze(run, "probe", labels=...)` returns (an Artifact); its result.json as a dict (also what
+        ``neuronmap analyze RUN probe --json`` prints); that dict's ``"units"`` ({layer: {"metrics": {...}}});
+        or per-layer metrics ({layer: {"accuracy_mean": ..., ...}}).
+
+    Returns
+    -------
+    DataFrame of shape (n_layers, 5)
+        Columns layer, accuracy_mean, accuracy_std, control_accuracy, selectivity, in the order given (for an
+        artifact: the run's layer order). Accuracy is R^2 for continuous labels (metric ``score``).
+
+    Example
+    -------
+    >>> accuracy_by_layer(analyze("runs/sentiment", "probe", labels="sentiment"))   # doctest: +SKIP
     """
-    rows = [{"layer": layer, "accuracy_mean": m["accuracy_mean"], "accuracy_std": m["accuracy_std"],
-             "control_accuracy": m["control_accuracy"], "selectivity": m["selectivity"]}
-            for layer, m in units.items()]
-    return pd.DataFrame(rows, columns=["layer", "accuracy_mean", "accuracy_std", "control_accuracy", "selectivity"])
+    result = getattr(source, "result", source)  # an Artifact holds result.json as .result
+    if isinstance(result, Mapping) and isinstance(result.get("units"), Mapping) and "analysis" in result:
+        if result["analysis"] != "probe":
+            raise ConfigError(f"accuracy_by_layer reads a 'probe' analysis, not {result['analysis']!r}: run "
+                              "analyze(run, 'probe', labels=COLUMN) and pass its artifact")
+        units = result["units"]
+    elif isinstance(result, Mapping):
+        units = result
+    else:
+        raise ConfigError(f"accuracy_by_layer takes a probe artifact (analyze(run, 'probe', labels=...)), its "
+                          f"result dict, or {{layer: metrics}}; got {type(source).__name__}: pass the artifact itself")
+    rows = []
+    for layer, doc in units.items():
+        metrics = doc["metrics"] if isinstance(doc, Mapping) and "metrics" in doc else doc
+        missing = [c for c in CURVE_COLUMNS[1:] if not isinstance(metrics, Mapping) or c not in metrics]
+        if missing:
+            raise ConfigError(f"layer {layer!r} has no probe metric {', '.join(missing)}: pass a 'probe' artifact, "
+                              "its result dict, or {layer: metrics} of one")
+        rows.append({"layer": layer, **{c: metrics[c] for c in CURVE_COLUMNS[1:]}})
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)

@@ -43,7 +43,7 @@ def label_values(run: Any, labels: str) -> None:
                           f"{', '.join(columns) or '(none)'}")
 
 
-def examples_from_run(run: Any, layers: Sequence[str], labels: str | None = None, concept: Any = None,
+def examples_from_run(run: Any, layers: str | Sequence[str], labels: str | None = None, concept: Any = None,
                       negative: Any = None, max_rows: int | None = 2000, seed: int = 0,
                       concept_rows: dict[str, np.ndarray] | None = None, name: str | None = None):
     """ConceptExamples of `concept` (rows whose `labels` value equals it) vs the run's other rows.
@@ -51,6 +51,10 @@ def examples_from_run(run: Any, layers: Sequence[str], labels: str | None = None
     With `concept_rows` given ({layer: array}, e.g. extracted from prompts) the run supplies only the
     random examples: every row, or the rows whose label equals `negative`; `concept` is then unused.
     At most `max_rows` rows per side are read (a seeded sample), batch by batch.
+
+    `layers` is a layer spec string, as everywhere else (``"blocks.*"``, ``"blocks.0-2, embed"``, ``"all"``;
+    matched against the run's layers by `neuronmap.analysis.runner.select_layers`, in the run's order), or a
+    list of exact layer names (kept in the given order).
     """
     from ..store import open_run
     from .tcav import ConceptExamples
@@ -59,6 +63,10 @@ def examples_from_run(run: Any, layers: Sequence[str], labels: str | None = None
                                  or max_rows < 2):
         raise ConfigError(f"max_rows={max_rows!r} must be an integer >= 2 (rows read per side) or None for every row")
     run = open_run(run)
+    if isinstance(layers, str):
+        from ..analysis.runner import select_layers
+
+        layers = select_layers(run, layers)
     if labels is not None:
         label_values(run, labels)
     elif concept_rows is None or negative is not None:

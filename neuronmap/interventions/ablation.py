@@ -5,9 +5,9 @@ Knock a component out and see how much the model's behaviour changes. Three ways
 - ``"zero"``: set it to 0 (simple, but 0 may be far from anything the model ever sees);
 - ``"mean"``: set it to its mean over a reference set of tokens (the `baselines` prompts, else the `inputs`
   themselves) or over a stored run's rows of that layer (`run`);
-- ``"resample"``: set it, row by row and position by position, to its value on another prompt (the
-  `baselines`, else the inputs rotated by one), which keeps it on the data distribution (Chan et al.'s
-  causal scrubbing uses this).
+- ``"resample"``: set it, row by row and position by position, to its value on another prompt of the same
+  token length (the `baselines`, else another input: see `resample_partners`), which keeps it on the data
+  distribution (Chan et al.'s causal scrubbing uses this).
 
 The metric is the next-token loss (``target=None``, causal LMs), the logit difference
 ``logit[answer] - logit[wrong]`` at the last token (``target=(answer, wrong)``) or the log-probability of
@@ -102,7 +102,7 @@ class Ablation:
         baselines : str or list of str, optional
             Reference prompts: the mean of "mean" is taken over their tokens, "resample" takes row r's values
             from ``baselines[r % len(baselines)]`` (same token length as the input). Default: the inputs
-            (for "resample": input r + 1).
+            (for "resample": the next input of the same token length, cycling; `resample_partners`).
         run : path or Run, optional
             "mean" from a stored run instead: the mean of each layer's rows (layer and neuron components whose
             layer the run holds; the run must come from the same model).
@@ -182,22 +182,18 @@ class Ablation:
         if baselines is None:
             if method == "mean":
                 return None
-            if len(prompts) < 2:
-                raise ConfigError("resample ablation without baselines takes each input's values from the next "
-                                  "input: give at least 2 prompts, or baselines=[...]")
-            sources = prompts[1:] + prompts[:1]
-            what = "input"
-        else:
-            sources = as_prompts(baselines, "baselines")
-            if method == "mean":
-                return prompt_batch(self.loaded, sources)
-            sources = [sources[r % len(sources)] for r in range(len(prompts))]
-            what = "baseline"
+            lengths = [len(tokenize(self.loaded, p)) for p in prompts]
+            return prompt_batch(self.loaded, [prompts[j] for j in resample_partners(prompts, lengths)])
+        sources = as_prompts(baselines, "baselines")
+        if method == "mean":
+            return prompt_batch(self.loaded, sources)
+        sources = [sources[r % len(sources)] for r in range(len(prompts))]
         for prompt, source in zip(prompts, sources):
             n, m = len(tokenize(self.loaded, prompt)), len(tokenize(self.loaded, source))
             if n != m:
                 raise ConfigError(f"resample ablation pairs positions, but input {prompt!r} has {n} tokens and its "
-                                  f"{what} {source!r} has {m}: give prompts of equal token length, or use "
+                                  f"baseline {source!r} has {m}: give baselines of equal token length, leave "
+                                  "baselines unset (each input then takes another input of its length), or use "
                                   "method='mean'")
         return prompt_batch(self.loaded, sources)
 
@@ -226,6 +222,43 @@ class Ablation:
     def _site_values(self, components: list[Component], reference: Batch) -> dict[str, torch.Tensor]:
         sites = self._capture_sites(components, reference)
         return {c.name: c.take(sites[c.site.name]) for c in components}
+
+
+def resample_partners(prompts: Sequence[str], lengths: Sequence[int]) -> list[int]:
+    """Which input each input takes its values from in resample ablation without baselines.
+
+    Resampling replaces position by position, so the partner must have the same token length; it must also be
+    another prompt, else nothing changes. The rule is deterministic: input r takes the next input after r, in
+    prompt order and cycling round to the start, whose token length equals its own. When every prompt has the
+    same length that is input r + 1 (the last takes the first).
+
+    Parameters
+    ----------
+    prompts : list of str of length n
+        The inputs (only named in the error).
+    lengths : list of int of length n
+        Their token lengths.
+
+    Returns
+    -------
+    list of int of length n
+        ``partners[r]`` is the index of the input whose values replace input r's; never r itself.
+    """
+    by_length: dict[int, list[int]] = {}
+    for r, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(r)
+    alone = [r for r in range(len(prompts)) if len(by_length[lengths[r]]) < 2]
+    if alone:
+        r = alone[0]
+        more = f" (and {len(alone) - 1} more prompt(s) with a length no other prompt has)" if len(alone) > 1 else ""
+        raise ConfigError(f"resample ablation takes each input's values from another input of the same token "
+                          f"length, but input {prompts[r]!r} is the only one with {lengths[r]} tokens{more}: add "
+                          f"another prompt of {lengths[r]} tokens, drop that prompt, or use method='mean'")
+    partners = [0] * len(lengths)
+    for group in by_length.values():
+        for i, r in enumerate(group):
+            partners[r] = group[(i + 1) % len(group)]
+    return partners
 
 
 def _replacer(component: Component, value: torch.Tensor):

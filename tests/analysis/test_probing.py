@@ -104,3 +104,40 @@ def test_cli_probe_on_a_synthetic_run(capsys, tmp_path):
     code, _, err = run_cli(capsys, "analyze", path, "probe", "--labels", "constant")
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "single class" in err, err
+
+
+def test_accuracy_by_layer_reads_the_probe_artifact(tmp_path):
+    """The README's `accuracy_by_layer(analyze(run, "probe", labels=...))`: one row per layer in run order,
+    each equal to a direct sklearn cross-validation of that layer (and of its control labels)."""
+    from neuronmap.analysis import analyze, load_artifact
+
+    x, y = planted(n=200, d=8, seed=5)
+    noise = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
+    layers = {"blocks.0": noise, "blocks.1": x}
+    path = write_synthetic_run(tmp_path / "run", layers, labels={"feature": y.tolist()}, samples_per_shard=64)
+    artifact = analyze(path, "probe", labels="feature")
+    curve = accuracy_by_layer(artifact)
+    assert list(curve.columns) == ["layer", "accuracy_mean", "accuracy_std", "control_accuracy", "selectivity"]
+    assert curve["layer"].tolist() == ["blocks.0", "blocks.1"]
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    estimator = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+    control = control_labels(y, seed=0)
+    for row, (layer, data) in zip(curve.itertuples(), layers.items()):
+        scores = cross_val_score(estimator, data, y, cv=folds)
+        control_scores = cross_val_score(estimator, data, control, cv=folds)
+        assert row.layer == layer
+        assert row.accuracy_mean == pytest.approx(scores.mean()) and row.accuracy_std == pytest.approx(scores.std())
+        assert row.control_accuracy == pytest.approx(control_scores.mean())
+        assert row.selectivity == pytest.approx(scores.mean() - control_scores.mean())
+    assert curve["selectivity"].iloc[1] > 0.3
+    # the same curve from the loaded artifact, its result.json dict (what --json prints), its units, or
+    # per-layer metrics (what it accepted before)
+    for source in (load_artifact(artifact.path), artifact.result, artifact.result["units"],
+                   {layer: artifact.metrics(layer) for layer in artifact.units}):
+        assert curve.equals(accuracy_by_layer(source))
+    with pytest.raises(ConfigError) as info:
+        accuracy_by_layer(artifact.units)  # a list of layer names, not the metrics
+    assert "\n" not in str(info.value) and "pass the artifact itself" in str(info.value)
+    stats = analyze(path, "stats")
+    with pytest.raises(ConfigError, match="'probe' analysis, not 'stats'"):
+        accuracy_by_layer(stats)

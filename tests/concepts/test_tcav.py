@@ -151,6 +151,30 @@ def test_examples_from_prompts_equal_an_extracted_run(tiny_model, tmp_path):
         np.testing.assert_allclose(rows[layer], run.array(layer), rtol=1e-5, atol=1e-6)
 
 
+def test_examples_from_run_takes_a_layer_spec_string(tmp_path):
+    """A spec string (glob, range, names) selects the run's layers as everywhere else, not its characters;
+    the rows are the run's arrays masked by label (numpy), the same as with a list of names."""
+    from neuronmap.errors import UnknownLayerError
+
+    rng = np.random.default_rng(3)
+    arrays = {name: rng.standard_normal((30, 4)).astype(np.float32) for name in ("embed", "blocks.0", "blocks.1")}
+    labels = np.array(["pos", "neg", "mid"] * 10)
+    run = write_run(tmp_path / "run", arrays, labels={"mood": labels.tolist()}, samples_per_shard=7)
+    for spec, layers in (("blocks.*", ["blocks.0", "blocks.1"]), ("blocks.0-1", ["blocks.0", "blocks.1"]),
+                         ("embed, blocks.1", ["embed", "blocks.1"]), ("blocks.1", ["blocks.1"]),
+                         ("all", ["embed", "blocks.0", "blocks.1"])):
+        found = examples_from_run(run, spec, "mood", "pos", max_rows=None)
+        assert list(found.concept) == layers and list(found.random) == layers, spec
+        listed = examples_from_run(run, layers, "mood", "pos", max_rows=None)
+        for layer in layers:
+            np.testing.assert_array_equal(found.concept[layer], arrays[layer][labels == "pos"])
+            np.testing.assert_array_equal(found.random[layer], arrays[layer][labels != "pos"])
+            np.testing.assert_array_equal(listed.concept[layer], found.concept[layer])
+    with pytest.raises(UnknownLayerError) as info:
+        examples_from_run(run, "blocks.7", "mood", "pos")
+    assert "\n" not in str(info.value) and "'blocks.7'" in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def gpt2_run(tiny_model_dir, tmp_path_factory):
     """A real extracted run of the tiny GPT-2 with a label column (topic) and a single-valued column."""

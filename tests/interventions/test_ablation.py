@@ -10,6 +10,7 @@ from handbuilt_induction import hooks_left
 
 from neuronmap.errors import ConfigError, UnknownLayerError
 from neuronmap.interventions import Ablation, resolve_components
+from neuronmap.interventions.ablation import resample_partners
 
 PROMPTS = ["the cat sat on the mat", "a dog ran to the park", "we like green tea"]
 EQUAL = ["a b c d e", "a b the d e"]  # same token length under the tiny BPE
@@ -162,6 +163,59 @@ def test_mean_and_resample_match_manual_replacements(gpt2):
     assert resampled.ablated[0] == pytest.approx(float(logits[c] - logits[the]), abs=1e-5)
 
 
+def test_resample_partners_rule():
+    """Input r takes the next input of its token length in prompt order, cycling; never itself."""
+    names = [f"p{i}" for i in range(6)]
+    assert resample_partners(names[:4], [5, 5, 5, 5]) == [1, 2, 3, 0]  # one length: input r + 1
+    assert resample_partners(names[:2], [3, 3]) == [1, 0]
+    assert resample_partners(names, [5, 8, 5, 8, 8, 5]) == [2, 3, 5, 4, 1, 0]
+    with pytest.raises(ConfigError) as info:
+        resample_partners(names[:3], [5, 8, 5])
+    assert "\n" not in str(info.value) and "'p1'" in str(info.value) and "only one with 8 tokens" in str(info.value)
+    with pytest.raises(ConfigError, match="only one with 4 tokens"):
+        resample_partners(["a b c"], [4])
+
+
+def test_resample_takes_the_next_prompt_of_the_same_length(gpt2):
+    """Neighbouring prompts of different lengths: each takes the values of its same-length partner, checked
+    against plain forward hooks on unpadded single-prompt forwards."""
+    model, tok = gpt2.model, gpt2.tokenizer
+    mixed = ["a b c d e", "we like green tea", "a b the d e", "we like red tea", "the cat sat on the mat"]
+    lengths = [len(tok(t)["input_ids"]) for t in mixed]
+    assert lengths == [5, 8, 5, 8, 8]
+    partner = {0: 2, 2: 0, 1: 3, 3: 4, 4: 1}  # the documented rule, written out by hand
+    result = Ablation(gpt2, batch_size=2).attribute(mixed, method="resample", layers="blocks.0.mlp, blocks.1.mlp")
+    assert result.components == ["blocks.0.mlp", "blocks.1.mlp"]
+
+    for i, block in enumerate((0, 1)):
+        mlp = model.transformer.h[block].mlp
+        total, count = 0.0, 0
+        for r, text in enumerate(mixed):
+            source = tok(mixed[partner[r]], return_tensors="pt")["input_ids"]
+            captured = {}
+            handle = mlp.register_forward_hook(lambda m, a, out: captured.setdefault("x", out.detach().clone()))
+            with torch.no_grad():
+                model(input_ids=source)
+            handle.remove()
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            handle = mlp.register_forward_hook(lambda m, a, out: captured["x"])
+            try:
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits
+            finally:
+                handle.remove()
+            total += lm_loss(logits, ids) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+        assert result.ablated[i] == pytest.approx(total / count, abs=1e-5)
+    assert np.all(result.effect != 0)
+    # all prompts of one length: the rule is input r + 1 (cycling), the same as giving the rotated prompts
+    rotated = Ablation(gpt2).attribute(EQUAL, method="resample", baselines=EQUAL[1:] + EQUAL[:1],
+                                       layers="blocks.0.mlp")
+    default = Ablation(gpt2).attribute(EQUAL, method="resample", layers="blocks.0.mlp")
+    assert default.ablated[0] == rotated.ablated[0] and default.effect[0] != 0
+    assert hooks_left(model) == 0
+
+
 def test_mean_from_a_stored_run(gpt2, tiny_model_dir, tmp_path):
     """Per-token run of the same prompts: its means are the batch means, so both ablations agree."""
     from neuronmap import extract
@@ -192,7 +246,9 @@ def test_component_specs(gpt2):
     (dict(layers="blocks.0.mlp[999]"), ConfigError, ["999", "64 features"]),
     (dict(layers="blocks.0.attn.pattern"), ConfigError, ["pattern"]),
     (dict(method="shuffle"), ConfigError, ["zero, mean, resample"]),
-    (dict(method="resample"), ConfigError, ["equal token length"]),
+    # PROMPTS tokenise to 8, 7 and 8 tokens: the 7-token prompt has no partner to resample from
+    (dict(method="resample"), ConfigError, ["same token length", "'a dog ran to the park'", "only one with 7 tokens"]),
+    (dict(method="resample", baselines=EQUAL), ConfigError, ["equal token length", "'a b c d e'"]),
     (dict(target=(" cat dog bird", " a")), ConfigError, ["not one token"]),
     (dict(target=(10 ** 9, 3)), ConfigError, ["vocabulary"]),
 ])

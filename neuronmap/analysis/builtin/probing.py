@@ -1,7 +1,7 @@
 """`probe`: cross-validated linear probe of a label column per layer, with a control task and selectivity.
 
 Maths in `neuronmap.analysis.probing`. Each layer is one unit, so the artifact's units in layer order are
-the accuracy-by-layer curve (`neuronmap.analysis.probing.accuracy_by_layer(artifact.units ...)`). Types
+the accuracy-by-layer curve (`neuronmap.analysis.probing.accuracy_by_layer(artifact)`). Types
 of the control task are samples: on per-token runs every token of a sample shares its control label, as
 it shares its real one.
 """
