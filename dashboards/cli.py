@@ -39,6 +39,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """A file already at --out is the user's until they say otherwise (as `runs export` and `generate`)."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it, or choose another file")
+
+
 def register(app: typer.Typer) -> None:
     """Add `visualize`, `report` and `dashboard` to the `neuronmap` app."""
 
@@ -54,9 +60,11 @@ def register(app: typer.Typer) -> None:
         width: int = typer.Option(1000, help="Image width in pixels (png/svg), 1 to 16384."),
         height: int = typer.Option(700, help="Image height in pixels (png/svg), 1 to 16384."),
         max_points: int = typer.Option(20_000, help="Scatter points drawn at most (seeded, label-balanced sample)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
     ) -> None:
         """Draw one analysis artifact of a run to an HTML, PNG or SVG file."""
         _need("plotly")
+        _refuse_existing(out, overwrite)
         from neuronmap.store import open_run
         from neuronmap.viz import figure_for_artifact
 
@@ -89,9 +97,11 @@ def register(app: typer.Typer) -> None:
     def report(
         run: Path = typer.Argument(..., help="Run directory."),
         out: Path = typer.Option(..., "--out", "-o", help="HTML file to write (one page, works offline)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
     ) -> None:
         """Write one standalone HTML page with every analysis of a run: figures, key metrics, parameters."""
         _need("plotly")
+        _refuse_existing(out, overwrite)
         from .report import write_report
 
         if out.suffix.lower() not in (".html", ".htm"):

@@ -95,6 +95,20 @@ def test_output_inside_a_regular_file_is_one_line_and_leaves_nothing(analysed, t
         assert (tmp_path / "bad" / "afile").read_text() == "x"
 
 
+
+def test_an_existing_output_file_is_replaced_only_when_asked(analysed, tmp_path, capsys):
+    run, ids = analysed
+    for argv in (["report", str(run)], ["visualize", str(run), ids["cka"]]):
+        out = tmp_path / "mine.html"
+        out.write_text("keep me")
+        assert main([*argv, "--out", str(out)]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"--out {out} already exists" in line and "--overwrite" in line
+        assert out.read_text() == "keep me"
+        assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+        capsys.readouterr()
+        assert out.read_text() != "keep me" and "<html" in out.read_text().lower()
+
 @pytest.mark.parametrize("option, value", [("--width", "20000"), ("--height", "20000"), ("--width", "0"),
                                            ("--width", "-5"), ("--height", "0")])
 def test_image_size_outside_what_chromium_renders_is_refused(analysed, tmp_path, capsys, option, value):
