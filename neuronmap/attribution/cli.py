@@ -34,7 +34,10 @@ def attribute(
     method: str = typer.Option("ig", "--method",
                                help="Comma-separated, or 'all': saliency, grad-x-input, ig, layer-ig, gradcam, "
                                     "shapley, kernelshap, lime, rollout."),
-    layer: Optional[str] = typer.Option(None, "--layer", help="Layer of layer-ig and gradcam (default: middle block)."),
+    layer: Optional[str] = typer.Option(None, "--layer",
+                                        help="Layer of layer-ig and gradcam; for a neuron: target it must run before "
+                                             "the target (default: middle block, or the last block before the "
+                                             "neuron)."),
     position: int = typer.Option(-1, "--position", help="Token position the target reads (-1: last)."),
     baseline: str = typer.Option("pad", "--baseline", help="pad (special tokens kept) | zero."),
     steps: int = typer.Option(64, "--steps", help="Integration steps of ig and layer-ig."),
@@ -63,6 +66,8 @@ def attribute(
     started = time.time()
     loaded = load_model(model, device=device, head=True)
     explainer = TokenAttribution(loaded, baseline=baseline, position=position)
+    if any(name in LAYER_METHODS for name in methods):  # refuse a --layer after a neuron target before any work
+        explainer.attribution_layer(target, layer)
     results = {}
     with console.status("attributing") as status:
         for name in methods:

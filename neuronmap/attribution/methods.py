@@ -89,7 +89,8 @@ class TokenAttribution:
         """Scores of `method` for prompt `inputs` and `target` (see `neuronmap.attribution.targets`).
 
         n_steps : integration steps (ig, layer-ig); n_samples : permutations (shapley) or samples
-        (kernelshap, lime); layer : canonical layer of layer-ig and gradcam (default: the middle block).
+        (kernelshap, lime); layer : canonical layer of layer-ig and gradcam (default and checks:
+        `attribution_layer`).
         """
         if method not in METHODS:
             raise ConfigError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
@@ -106,7 +107,7 @@ class TokenAttribution:
         if self._target.kind == "neuron":
             self._neuron_ref = self.loaded.adapter.resolve(self._target.layer)[0]
         if method in LAYER_METHODS:
-            layer = layer or f"blocks.{self.loaded.adapter.n_blocks // 2}"
+            layer = self._layer_for(layer, target, self._neuron_ref if self._target.kind == "neuron" else None)
             self._layer_ref = self._one_ref(layer)
         elif layer is not None:
             raise ConfigError(f"--layer applies to {', '.join(LAYER_METHODS)} only, not {method}")
@@ -129,6 +130,90 @@ class TokenAttribution:
             with torch.no_grad():
                 result.baseline_value = float(self._forward(base, mask)[0])
         return result
+
+    def attribution_layer(self, target: str = "next-token", layer: str | None = None) -> str:
+        """The layer that layer-ig and gradcam attribute to for `target`, checked without running them.
+
+        Their attributions are to a layer's activations, so for a ``neuron:`` target that layer must run
+        strictly before the target's layer (at or after it, the target does not depend on it, and the
+        forward stops at the target). `layer` given: exactly one layer that does, else ConfigError naming
+        both and an earlier layer. `layer` None: the middle block; for a neuron target at or before it,
+        the last residual-stream layer (``blocks.{i}``, or ``embed`` for a target in block 0) before the
+        target. Other targets read the model's output, which every layer precedes.
+        """
+        neuron = None
+        if isinstance(target, str) and target.partition(":")[0].strip() == "neuron":
+            neuron = self.loaded.adapter.resolve(parse_target(self.loaded, target).layer)[0]
+        return self._layer_for(layer, target, neuron)
+
+    def _layer_for(self, layer: str | None, spec: str, neuron: Any) -> str:
+        if layer is None:
+            return self._default_layer(spec, neuron)
+        ref = self._one_ref(layer)
+        if neuron is None or self._runs_before(ref, neuron):
+            return layer
+        where = "is the layer of" if self._same_activation(ref, neuron) else "runs after"
+        earlier = self._residual_before(neuron)
+        fix = (f"pass an earlier layer such as {self._default_layer(spec, neuron)} or leave --layer out" if earlier
+               else "no layer runs before it: use a token-level method (saliency, grad-x-input, ig, shapley)")
+        raise ConfigError(f"--layer {layer} {where} the target {spec}: layer-ig and gradcam need a layer that runs "
+                          f"before it; {fix}")
+
+    def _default_layer(self, spec: str, neuron: Any) -> str:
+        middle = f"blocks.{self.loaded.adapter.n_blocks // 2}"
+        if neuron is None:
+            return middle
+        earlier = self._residual_before(neuron)
+        if not earlier:
+            raise ConfigError(f"no layer runs before the target {spec}, so layer-ig and gradcam have nothing to "
+                              "attribute to; use a token-level method (saliency, grad-x-input, ig, shapley) or a "
+                              "target in a later layer")
+        return middle if middle in earlier else earlier[-1]
+
+    def _residual_before(self, neuron: Any) -> list[str]:
+        """Residual-stream layers (``embed``, ``blocks.{i}``) that run before `neuron`, in execution order.
+
+        The residual stream, not the block's attn/mlp: it feeds everything after it, also in blocks whose
+        attention and MLP run in parallel (GPT-J, GPT-NeoX), where the attention output never reaches the MLP.
+        """
+        adapter = self.loaded.adapter
+        residual = {f"{p}embed" for p in adapter.stacks}
+        residual.update(f"{p}blocks.{i}" for p, n in adapter.stack_blocks.items() for i in range(n))
+        candidates = [name for name in adapter.layer_names() if name in residual]
+        before = self._run_before([adapter.resolve(name)[0] for name in candidates], neuron)
+        return [name for name, early in zip(candidates, before) if early]
+
+    def _runs_before(self, ref: Any, neuron: Any) -> bool:
+        return self._run_before([ref], neuron)[0]
+
+    def _run_before(self, refs: list[Any], neuron: Any) -> list[bool]:
+        """Whether each ref's activation is computed strictly before `neuron`'s in the forward pass.
+
+        Canonical names: the adapter lists them in execution order. ``module:`` paths it cannot place:
+        the order their hooks first fire in one forward pass on a short prompt.
+        """
+        names = self.loaded.adapter.layer_names()
+        if all(r.name in names for r in (*refs, neuron)):
+            order = {name: i for i, name in enumerate(names)}
+        else:
+            fired: list[str] = []
+            handles = [r.attach(lambda _t, name=r.name: fired.append(name) if name not in fired else None)
+                       for r in (*refs, neuron)]
+            try:
+                ids = torch.tensor([tokenize(self.loaded, "Hello world")], device=self._device())
+                with torch.no_grad():
+                    self.loaded.adapter.forward(ids, torch.ones_like(ids), [*refs, neuron])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            order = {name: i for i, name in enumerate(fired)}
+        last = order.get(neuron.name, len(order))
+        # the same module and hook is the same activation, e.g. `final` of a model without a final norm
+        return [not self._same_activation(r, neuron) and order.get(r.name, last) < last for r in refs]
+
+    @staticmethod
+    def _same_activation(ref: Any, neuron: Any) -> bool:
+        return ref.module is neuron.module and ref.hook == neuron.hook
 
     # -- the model as a function of embeddings ---------------------------------------------------------
     def _forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -178,11 +263,42 @@ class TokenAttribution:
         from captum.attr import LayerIntegratedGradients
 
         ref = self._layer_ref
+        if ref.hook == "input":
+            return self._input_layer_ig(ref, embeds, base, mask, n_steps, ibs)
         attr, delta = LayerIntegratedGradients(self._forward, ref.module).attribute(
             embeds, baselines=base, additional_forward_args=(mask,), n_steps=n_steps, internal_batch_size=ibs,
-            attribute_to_layer_input=ref.hook == "input", return_convergence_delta=True)
+            return_convergence_delta=True)
         if isinstance(attr, (tuple, list)):
             attr = attr[0]
+        return _per_token(attr), delta.item()
+
+    def _input_layer_ig(self, ref, embeds, base, mask, n_steps, ibs):
+        """Layer IG to a layer that is a block's input (``embed``): IG over that input, the model run with it
+        substituted. Captum's ``attribute_to_layer_input`` cannot do it: it clones every positional input
+        of the block, and Hugging Face blocks get a cache object or None among them.
+        """
+        from captum.attr import IntegratedGradients
+
+        def layer_input(x):
+            with torch.no_grad(), Capture([ref], stop_early=True) as cap:
+                cap.run(self.model, inputs_embeds=x, attention_mask=mask)
+            return cap.outputs[ref.name]
+
+        def substitute(values, mask):
+            def pre_hook(_module, args, kwargs):  # where the adapter's select_hidden_input reads it
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": values}
+                return (values, *args[1:]), kwargs
+
+            handle = ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                return self._forward(embeds.expand(values.shape[0], -1, -1), mask)
+            finally:
+                handle.remove()
+
+        attr, delta = IntegratedGradients(substitute).attribute(
+            layer_input(embeds), baselines=layer_input(base), additional_forward_args=(mask,), n_steps=n_steps,
+            internal_batch_size=ibs, return_convergence_delta=True)
         return _per_token(attr), delta.item()
 
     def _gradcam(self, embeds, base, mask, n_steps, n_samples, ibs):
