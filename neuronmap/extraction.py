@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -386,12 +387,14 @@ def plan_extraction(
 
 
 class HostBuffers:
-    """Reused host memory (pinned when `pin`) that shards are copied into off the device.
+    """Reused host memory (pinned when `pin`) that shards are copied into off the device, or (on the
+    CPU) assembled in directly.
 
     Why: `.cpu()` of a 128 MB shard into fresh pageable memory ran at 1.5 GB/s on an H200, every
     page faulted in on first touch; into reused pageable memory at 9.6 GB/s, reused pinned at 50 GB/s
-    (`benchmarks/d2h_copy.py`). Two sets alternate, because `BackgroundCommits` keeps one commit in
-    flight: the shard being committed keeps its set while the next shard is copied into the other.
+    (`benchmarks/d2h_copy.py`). On the CPU a fresh shard is the same first touch, paid while the rows
+    are scattered into it. Two sets alternate, because `BackgroundCommits` keeps one commit in
+    flight: the shard being committed keeps its set while the next shard is filled in the other.
     A set grows when a shard needs more rows (per-token shards differ in size) and is then reused.
     """
 
@@ -400,16 +403,23 @@ class HostBuffers:
         self._sets: list[dict[str, torch.Tensor]] = [{} for _ in range(sets)]
         self._next = 0
 
-    def copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """The tensors copied into the next buffer set, as numpy views of it (valid until that set's next use)."""
+    def take(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """Tensors of these (shape, dtype) in the next buffer set (valid until that set's next use)."""
         chosen = self._sets[self._next]
         self._next = (self._next + 1) % len(self._sets)
         views = {}
-        for name, tensor in tensors.items():
+        for name, (shape, dtype) in specs.items():
+            numel = math.prod(shape)
             buffer = chosen.get(name)
-            if buffer is None or buffer.dtype != tensor.dtype or buffer.numel() < tensor.numel():
-                buffer = chosen[name] = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=self.pin)
-            views[name] = buffer[: tensor.numel()].view(tensor.shape)
+            if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+                buffer = chosen[name] = torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+            views[name] = buffer[:numel].view(shape)
+        return views
+
+    def copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The tensors copied into the next buffer set, as numpy views of it (valid until that set's next use)."""
+        views = self.take({name: (tuple(t.shape), t.dtype) for name, t in tensors.items()})
+        for name, tensor in tensors.items():
             views[name].copy_(tensor, non_blocking=self.pin)
         if self.pin and any(t.is_cuda for t in tensors.values()):
             torch.cuda.current_stream().synchronize()  # the non-blocking copies have landed
@@ -433,9 +443,14 @@ def extract_shard(
     row_base = plan.row_offsets[first] if per_token else first
     n_rows = int(plan.row_offsets[last] - plan.row_offsets[first]) if per_token else last - first
     # The shard is assembled on the device and copied to the host once at the end: no per-batch
-    # sync, so on a GPU the next batch is queued while the current one runs.
-    out = {name: torch.empty((n_rows, *shape), dtype=pooler.storage_dtype, device=device)
-           for name, shape in plan.shapes.items()}
+    # sync, so on a GPU the next batch is queued while the current one runs. On the CPU it is
+    # assembled in `host`'s reused memory: nothing to copy, and no fresh pages to fault in.
+    shapes = {name: (n_rows, *shape) for name, shape in plan.shapes.items()}
+    in_place = host is not None and device.type == "cpu"
+    if in_place:
+        out = host.take({name: (shape, pooler.storage_dtype) for name, shape in shapes.items()})
+    else:
+        out = {name: torch.empty(shape, dtype=pooler.storage_dtype, device=device) for name, shape in shapes.items()}
     lengths = tokens.lengths[first:last]
     ids = shard_ids(tokens.ids, first, last)
     with torch.inference_mode(), adapter.attention_patterns(plan.refs), Capture(plan.refs, pooler, stop_early=True) as cap:
@@ -457,7 +472,7 @@ def extract_shard(
             if on_batch is not None:
                 on_batch(len(index))
     pooler.token_rows = None
-    if host is not None:
+    if host is not None and not in_place:
         return host.copy(out)
     return {name: tensor.cpu().numpy() for name, tensor in out.items()}
 
@@ -742,8 +757,8 @@ def _extract_shards(loaded: Any, writer: Any, run_plan: RunPlan, plan: Extractio
 
     per_token = pooling == "none"
     pooler = BatchPooler(pooling, STORAGE_DTYPES[dtype], pattern_width=run_plan.pattern_width)
-    # On a GPU shards land in reused pinned buffers; on the CPU `.cpu()` is already free (no copy).
-    host = HostBuffers(pin=True) if torch.device(loaded.device).type == "cuda" else None
+    # On a GPU shards land in reused pinned buffers; on the CPU they are assembled in reused memory.
+    host = HostBuffers(pin=torch.device(loaded.device).type == "cuda")
     try:
         with progress_bar(progress, run_plan.n_samples, f"extract {loaded.name}") as bar, \
                 BackgroundCommits() as commits:  # shard N is stored while shard N+1 is computed
