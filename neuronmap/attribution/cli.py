@@ -81,9 +81,11 @@ def attribute(
     figure = token_attribution_figure(first.tokens, {n: r.scores for n, r in results.items()},
                                       title=f"{loaded.name}: {first.target_description} at position "
                                             f"{first.params['position']}")
+    methods_summary = {n: r.summary() for n, r in results.items()}
+    used = list(dict.fromkeys(m["layer"] for m in methods_summary.values() if m.get("layer")))  # layer-ig, gradcam
     summary = {"model": loaded.name, "text": text, "target": target, "target_description": first.target_description,
-               "target_value": first.target_value, "tokens": first.tokens, "layers": [],
-               "methods": {n: r.summary() for n, r in results.items()}}
+               "target_value": first.target_value, "tokens": first.tokens, "layers": used,
+               "methods": methods_summary}
     if "ig" in results:
         summary["ig_delta"] = results["ig"].delta
     artifact = write_intervention(folder, "attribution", params, summary, {n: r.scores for n, r in results.items()},

@@ -114,9 +114,11 @@ def test_cli_default_layer_with_every_method(tiny_model_dir, tmp_path, target, e
     code = main(["attribute", "-m", str(tiny_model_dir("gpt2")), "-t", TEXT, "--target", target, "--method", "all",
                  "--steps", "8", "--samples", "2", "-o", str(tmp_path / "a"), "--device", "cpu"])
     assert code == 0
-    methods = load_artifact(tmp_path / "a").result["methods"]
+    result = load_artifact(tmp_path / "a").result
+    methods = result["methods"]
     assert {m for m, s in methods.items() if s["layer"] is not None} == {"layer-ig", "gradcam"}
     assert methods["layer-ig"]["layer"] == methods["gradcam"]["layer"] == expected
+    assert result["layers"] == [expected]  # the artifact says which layer it attributed to
 
 
 @pytest.mark.parametrize("target, layer, earlier", [("neuron:blocks.1.mlp:17", "blocks.1", "blocks.0"),
