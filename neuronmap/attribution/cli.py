@@ -64,6 +64,9 @@ def attribute(
               "position": position, "baseline": baseline, "steps": steps, "samples": samples, "seed": seed}
     folder = artifact_folder(out, run, "attribution", params, overwrite)
     started = time.time()
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
     loaded = load_model(model, device=device, head=True)
     explainer = TokenAttribution(loaded, baseline=baseline, position=position)
     if any(name in LAYER_METHODS for name in methods):  # refuse a --layer after a neuron target before any work

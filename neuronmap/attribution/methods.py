@@ -23,7 +23,7 @@ import torch
 
 from ..capture import Capture
 from ..errors import ConfigError
-from ..interventions._common import tokenize
+from ..interventions._common import check_stack, tokenize
 from .targets import Target, parse_target, score
 
 GRADIENT_METHODS = ("saliency", "grad-x-input", "ig", "layer-ig", "gradcam")
@@ -77,6 +77,7 @@ class TokenAttribution:
     def __init__(self, loaded: Any, baseline: str = "pad", position: int = -1) -> None:
         if baseline not in ("pad", "zero"):
             raise ConfigError(f"baseline={baseline!r} is not supported; use pad or zero")
+        check_stack(loaded, "attribution")  # the model runs as a function of one stack's input embeddings
         self.loaded = loaded
         self.model = loaded.model
         self.baseline = baseline

@@ -53,8 +53,10 @@ class ProgressBar:
 
 def load_head_model(model: str, device: str, run: Optional[Path] = None):
     """The model with its LM head; with `run` (the --run destination), also refuse a run of another model."""
+    from ..cli import _quiet_libraries
     from ..models.loading import load_model
 
+    _quiet_libraries()  # as `extract`: no loading bar or library chatter around the command's own output
     loaded = load_model(model, device=device, head=True)
     if run is not None:
         from ..store import open_run

@@ -31,7 +31,7 @@ def check_stack(loaded: Any, method: str) -> None:
     adapter = loaded.adapter
     if adapter.is_encoder_decoder or adapter.stacks != [""]:
         raise ConfigError(f"model {adapter.name} is {adapter.family} with stacks {adapter.stacks}: {method} "
-                          "supports decoder-only and encoder models")
+                          "supports decoder-only and encoder models; use one of those (GPT-2, Llama, BERT, ...)")
 
 
 def is_causal_lm(loaded: Any) -> bool:
@@ -267,7 +267,7 @@ class Metric:
         if target is None:
             if not is_causal_lm(loaded):
                 raise ConfigError(f"model {loaded.name} is not a next-token model, so it has no next-token loss: "
-                                  "pass target=(answer, wrong) to score by a logit difference")
+                                  "pass target=(answer, wrong) (--answer/--wrong) to score by a logit difference")
             return cls("loss")
         if isinstance(target, (tuple, list)):
             return cls("logit_diff", *target_pair(loaded, target))

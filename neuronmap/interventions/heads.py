@@ -143,7 +143,7 @@ class HeadStatistics:
         if importance and inputs is None and not is_causal_lm(self.loaded):
             raise ConfigError(f"model {self.loaded.name} is not a next-token model, so the loss on repeated random "
                               "tokens that head importance uses does not exist: pass prompts and target=(answer, "
-                              "wrong), or importance=None")
+                              "wrong) (--prompts with --answer/--wrong), or importance=None (--importance none)")
         blocks = self._blocks(layers)
         sites = [head_site(self.loaded.adapter, f"blocks.{b}.attn") for b in blocks]
         n_heads = sites[0].n_heads

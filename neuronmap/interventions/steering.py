@@ -202,6 +202,7 @@ def contrast_direction(loaded: Any, positive: Sequence[str], negative: Sequence[
     """
     if pooling not in ("mean", "last"):
         raise ConfigError(f"pooling={pooling!r} must be one of mean, last")
+    check_stack(loaded, "a steering direction")  # its forward reads one stack's logits
     ref = one_layer(loaded, layers, "a steering direction")
     means = []
     for prompts, what in ((positive, "positive"), (negative, "negative")):

@@ -133,3 +133,9 @@ def test_cli_layer_after_the_target_is_one_line_exit_2(tiny_model_dir, tmp_path,
     assert f"--layer {layer} runs after the target {target}" in err and f"such as {earlier}" in err, err
     assert "internal error" not in err
     assert not (tmp_path / "a").exists()
+
+
+def test_an_encoder_decoder_model_is_refused_in_one_line(tiny_model):
+    """Attribution runs the model as a function of one stack's input embeddings; T5 crashed inside it."""
+    with pytest.raises(ConfigError, match="t5 .* attribution supports decoder-only and encoder models"):
+        TokenAttribution(tiny_model("t5", head=True))

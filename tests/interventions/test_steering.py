@@ -141,3 +141,11 @@ def test_direction_from_another_models_run_is_refused(tiny_model_dir, tiny_model
     llama = tiny_model("llama", head=True)  # same width, another activation space
     with pytest.raises(ConfigError, match="was extracted from .* not from .*same model"):
         run_direction(run.path, "blocks.1", "sample_id", "0", "1", loaded=llama)
+
+
+def test_a_contrast_direction_on_an_encoder_decoder_model_is_refused_in_one_line(tiny_model):
+    """Its forward reads one stack's logits: on T5 it was an internal error deep in transformers."""
+    t5 = tiny_model("t5", head=True)
+    with pytest.raises(ConfigError, match="supports decoder-only and encoder models") as info:
+        contrast_direction(t5, ["I love it"], ["I hate it"], "encoder.blocks.1")
+    assert "\n" not in str(info.value)
