@@ -14,6 +14,8 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from neuronmap.errors import ConfigError
+
 console = Console()
 
 
@@ -31,6 +33,40 @@ def settings_from_options(**values: Any) -> Any:
             values[name] = str(Path(values[name]).expanduser().absolute())
     values = {k: v for k, v in values.items() if v is not None}
     return ServeSettings.parse({**values, "auth": auth, "batching": batching, "limits": limits}).resolved()
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a port Serve cannot use, before Ray starts: out of range, 0 (no URL to give), or taken.
+
+    Ray's proxy binds with SO_REUSEPORT, so a taken port does not fail there: a second server would share
+    it with the first and split its requests. A plain bind here tells.
+    """
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port: use 1-65535, e.g. --port 8000")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use (another server?): stop it or pass "
+                                  "another --port") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}; pass another --host or "
+                              "--port") from None
+
+
+def check_runs_dir(runs_dir: str, given: bool) -> None:
+    """A runs folder that is a file, or one the user named that is not there, is a mistake; the default
+    `runs` may be missing (a server for /v1/extract only)."""
+    path = Path(runs_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir} is a file, not a folder: pass the folder that holds your runs")
+    if given and not path.exists():
+        raise ConfigError(f"--runs-dir {runs_dir} does not exist: pass the folder that holds your runs "
+                          "(e.g. --runs-dir runs)")
 
 
 def serve_until_stopped(settings: Any, port: int, address: str | None, ready: Any = None) -> None:
@@ -96,6 +132,8 @@ def register(app: typer.Typer) -> None:
             max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_texts=max_texts, max_chars=max_chars,
             max_body_bytes=max_body_bytes, api_keys_file=api_keys_file, no_auth=no_auth,
             rate_limit_per_minute=rate_limit, audit_log=audit_log)
+        check_runs_dir(settings.runs_dir, given=runs_dir != Path("runs"))
+        check_listen(host, port)
         shown = "localhost" if host in ("127.0.0.1", "::1") else host
         url = f"http://{shown}:{port}"
 

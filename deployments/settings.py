@@ -172,6 +172,9 @@ def read_key_file(path: str | os.PathLike) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read API key file {path}: {error.strerror or error}") from None
+    if not text.strip():  # a key file that holds no key would silently turn auth off
+        raise ConfigError(f"API key file {path} holds no keys: write id:key lines (or a JSON/YAML mapping), "
+                          "or leave --api-keys-file out")
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         import yaml
 

@@ -204,6 +204,16 @@ class OutputsSpec(Strict):
     report: bool = True
     reporter: str = Field("html", description="entry point name in the neuronmap.reporters group")
 
+    @field_validator("reporter")
+    @classmethod
+    def _reporter(cls, value: str) -> str:
+        """A name no package registers is a typo: refused here, not skipped at the end of the experiment.
+        (A registered reporter whose extra is missing is still skipped then, with the install hint.)"""
+        names = _group_names("neuronmap.reporters")
+        if value not in names:
+            raise ValueError(f"{value!r} is not an installed reporter; use one of {', '.join(sorted(names)) or '(none)'}")
+        return value
+
 
 class ExperimentConfig(Strict):
     """The experiment after the profile is applied (see README, "Experiments")."""
@@ -252,6 +262,17 @@ class ExperimentConfig(Strict):
     @classmethod
     def _analyses_list(cls, value: Any) -> Any:
         return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _unique_analyses(self) -> "ExperimentConfig":
+        seen: dict[str, int] = {}
+        for index, step in enumerate(self.analyses):
+            key = step.model_dump_json()
+            if key in seen:
+                raise AtPath(("analyses", index), f"analysis {step.name!r} repeats analyses[{seen[key]}] (same params, "
+                                                  "layers and labels); remove one, or change its params")
+            seen[key] = index
+        return self
 
     @model_validator(mode="after")
     def _unique_runs(self) -> "ExperimentConfig":

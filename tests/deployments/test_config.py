@@ -87,3 +87,26 @@ def test_core_package_imports_no_ray_serve_or_fastapi():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ports_and_runs_folders_serve_cannot_use_are_refused_before_ray_starts(tmp_path):
+    import socket
+
+    from deployments import cli
+
+    for port in (0, -1, 70000):
+        with pytest.raises(ConfigError, match=f"--port {port} is not a TCP port"):
+            cli.check_listen("127.0.0.1", port)
+    with socket.socket() as taken:  # Ray's proxy binds with SO_REUSEPORT: it would share this port silently
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            cli.check_listen("127.0.0.1", port)
+    cli.check_listen("127.0.0.1", port)  # free again
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        cli.check_runs_dir(str(tmp_path / "afile"), given=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.check_runs_dir(str(tmp_path / "missing"), given=True)
+    cli.check_runs_dir(str(tmp_path / "missing"), given=False)  # the default `runs`: a server for /v1/extract only

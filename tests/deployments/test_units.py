@@ -59,6 +59,9 @@ def test_bad_key_sources_and_settings_are_config_errors(tmp_path):
         read_key_file(tmp_path / "k.json")
     with pytest.raises(ConfigError, match="cannot read"):
         read_key_file(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text(" \n")
+    with pytest.raises(ConfigError, match="holds no keys"):  # would have served without auth, without a word
+        read_key_file(tmp_path / "empty.txt")
     with pytest.raises(ConfigError, match="limits.max_texts"):
         ServeSettings.parse({"limits": {"max_texts": 0}})
 

@@ -102,6 +102,19 @@ def test_wrong_types_and_nested_keys(write_experiment, line_of):
     assert error_of(path).startswith(f"{path} line 2: prompts.generate.source: 'sentimnt' is not a template family")
 
 
+
+def test_an_unknown_reporter_and_a_repeated_analysis_are_refused(write_experiment, line_of):
+    """Both were accepted: the report the user asked for was skipped at the end, and the repeat did nothing."""
+    path = write_experiment(BASE + "outputs:\n  reporter: nosuchreporter\n")
+    assert error_of(path) == (f"{path} line {line_of(path, 'reporter:')}: outputs.reporter: 'nosuchreporter' is not an "
+                              "installed reporter; use one of html")
+    path = write_experiment(BASE + "analyses:\n  - name: stats\n  - name: pca\n  - name: stats\n", "d.yaml")
+    lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if "name: stats" in line]
+    assert error_of(path) == (f"{path} line {lines[1]}: analyses[2]: analysis 'stats' repeats analyses[0] (same "
+                              "params, layers and labels); remove one, or change its params")
+    path = write_experiment(BASE + "analyses:\n  - name: pca\n  - name: pca\n    params: {n_components: 3}\n", "e.yaml")
+    assert len(load_experiment(path).config.analyses) == 2  # the same analysis with other params is two analyses
+
 def test_labels_rules(write_experiment, line_of):
     path = write_experiment(BASE + "analyses:\n  - name: stats\n  - name: probe\n    layers: blocks.1\n")
     assert error_of(path) == (f"{path} line {line_of(path, 'name: probe')}: analyses[1]: analysis probe needs a label "
