@@ -21,6 +21,9 @@ from .manifest import PROMPTS_NAME, LayerInfo, Manifest, ShardRecord, load_manif
 from .shards import ShardReader
 
 
+PROMPTS_FIX = "the prompt table is damaged: restore it, or extract the run again with --overwrite"
+
+
 class Run:
     """A run on disk. Build it with `open_run(path)`.
 
@@ -89,7 +92,7 @@ class Run:
         try:
             return pd.read_parquet(path)
         except Exception as error:  # pyarrow raises several types for a corrupt file
-            raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+            raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split()).rstrip('.')}; {PROMPTS_FIX}") from None
 
     @functools.cached_property
     def prompt_columns(self) -> list[str]:
@@ -106,7 +109,7 @@ class Run:
         try:
             return list(pq.read_schema(path).names)
         except Exception as error:  # pyarrow raises several types for a corrupt file
-            raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+            raise RunFormatError(f"cannot read {path}: {' '.join(str(error).split()).rstrip('.')}; {PROMPTS_FIX}") from None
 
     def array(self, layer: str, rows: tuple[int, int] | slice | None = None) -> np.ndarray:
         """Activations of `layer` as one ndarray of shape (n_rows, *shape), stitched in row order."""

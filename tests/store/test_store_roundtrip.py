@@ -133,6 +133,12 @@ def test_open_run_errors_are_one_line(tmp_path):
     with pytest.raises(RunFormatError, match="not a valid run manifest.*--overwrite") as info:
         open_run(tmp_path / "run")
     assert "\n" not in str(info.value)
+    write_run(tmp_path / "run2")
+    (tmp_path / "run2" / "prompts.parquet").write_bytes(b"garbage")
+    for read in (lambda run: run.prompts, lambda run: run.prompt_columns):
+        with pytest.raises(RunFormatError, match="prompts.parquet: .*damaged.*--overwrite") as info:
+            read(open_run(tmp_path / "run2"))
+        assert "\n" not in str(info.value)
 
 
 def test_unknown_layer_lists_the_runs_layers(tmp_path):
