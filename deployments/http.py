@@ -46,11 +46,18 @@ def _error(status: int, code: str, message: str, detail: Any = None, headers: di
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, list[dict]]:
-    detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+    detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": _plain_msg(e), "type": str(e.get("type", ""))}
               for e in errors[:20]]
     parts = [f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in detail[:3]]
     more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more, detail
+
+
+def _plain_msg(error: dict) -> str:
+    """pydantic's message, except for the blank-text pattern, whose regex says nothing to a client."""
+    if error.get("type") == "string_pattern_mismatch" and (error.get("ctx") or {}).get("pattern") == r"\S":
+        return "text is empty or only whitespace; send at least one visible character"
+    return str(error.get("msg", ""))
 
 
 def install_error_handlers(app: FastAPI) -> None:

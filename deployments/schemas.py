@@ -40,7 +40,8 @@ class _Body(BaseModel):
 
 def extract_request_model(limits: Limits, models: list[str]) -> type[BaseModel]:
     """The /v1/extract body with `limits` (and the served model names, when any) in its schema."""
-    text = Field(min_length=1, max_length=limits.max_chars)
+    # A text of only whitespace is refused, as a blank line of a prompt file is: it carries no prompt.
+    text = Field(min_length=1, max_length=limits.max_chars, pattern=r"\S")
     model_type: Any = Literal[tuple(models)] if models else str  # type: ignore[valid-type]
     layer_item = Annotated[str, Field(min_length=1, max_length=ID_MAX)]
     return create_model(

@@ -289,3 +289,22 @@ def test_in_process_app_guards_and_audits(service, serve_runs, caplog):
     assert lines[0].startswith("key=dana method=POST route=/v1/extract status=200 latency_ms=")
     assert lines[1].startswith("key=- method=GET route=/v1/runs status=401")
     assert "status=429" in lines[3]
+
+
+def test_blank_texts_are_refused_in_one_clear_line():
+    """A whitespace-only text is refused by the schema (as a blank prompt line is by the CLI), and the
+    422 message says so instead of quoting a regex; texts with a visible character pass."""
+    import pydantic
+
+    from deployments.http import _validation_message
+    from deployments.schemas import extract_request_model
+    from deployments.settings import Limits
+
+    model = extract_request_model(Limits(), ["tiny"])
+    assert model(model="tiny", texts=[" x ", "a"]).texts == [" x ", "a"]
+    with pytest.raises(pydantic.ValidationError) as info:
+        model(model="tiny", texts=["ok", " \t\n"])
+    as_fastapi = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]  # FastAPI's body prefix
+    message, detail = _validation_message(as_fastapi)
+    assert message == "invalid request: texts.1: text is empty or only whitespace; send at least one visible character"
+    assert detail[0]["loc"] == ["body", "texts", "1"]
