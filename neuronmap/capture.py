@@ -120,8 +120,10 @@ class Capture:
 
             return ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            self._keep(ref, ref.select(output))
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            tensor = ref.select(output)
+            self._keep(ref, tensor)
+            return None if self.detach else _through(output, tensor)
 
         return ref.module.register_forward_hook(hook)
 
@@ -142,3 +144,22 @@ class Capture:
         self.outputs[ref.name] = tensor
         if self.stop_early and len(self.outputs) == len(self.refs):
             raise StopForward
+
+
+def _through(output: Any, tensor: Any) -> Any:
+    """`output` rebuilt from `tensor` when the capture kept a reshaped view of it, else None.
+
+    Why: a gradient is taken with respect to the kept tensor, so the rest of the forward must read it.
+    OPT's MLP returns flat (batch * seq, d) rows that the ref views as (batch, seq, d); that view is a
+    leaf of nothing downstream unless the module's output is replaced by a view of it.
+    """
+    hidden = output[0] if isinstance(output, (tuple, list)) else output
+    if (not isinstance(tensor, torch.Tensor) or tensor is hidden or tensor.shape == hidden.shape
+            or tensor.numel() != hidden.numel() or tensor.data_ptr() != hidden.data_ptr()):
+        return None
+    new = tensor.reshape(hidden.shape)
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    return new

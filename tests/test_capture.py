@@ -110,3 +110,30 @@ def test_duplicate_layers_rejected():
     refs = refs_for(net)
     with pytest.raises(ValueError, match="requested twice"):
         Capture([refs[0], refs[0]])
+
+
+def test_gradients_reach_a_reshaped_capture(tiny_model):
+    """OPT's MLP emits flat (batch * seq, d) rows that the `blocks.i.mlp` ref views as (batch, seq, d).
+    With detach=False the gradient with respect to that view must be the gradient of the model's output
+    with respect to the MLP output, here taken independently through a zero tensor added in a hook."""
+    loaded = tiny_model("opt")
+    model = loaded.model
+    ref = loaded.adapter.resolve("blocks.0.mlp")[0]
+    ids = torch.tensor([[2, 10, 11, 12, 13], [2, 14, 15, 16, 17]])
+    mask = torch.ones_like(ids)
+
+    with torch.enable_grad(), Capture([ref], detach=False) as capture:
+        out = capture.run(model, input_ids=ids, attention_mask=mask).last_hidden_state
+        (got,) = torch.autograd.grad(out.pow(2).sum(), capture.outputs[ref.name])
+
+    zero = torch.zeros(ids.numel(), model.config.hidden_size, requires_grad=True)
+    handle = ref.module.register_forward_hook(lambda _m, _a, output: output + zero)
+    try:
+        with torch.enable_grad():
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            (expected,) = torch.autograd.grad(out.pow(2).sum(), zero)
+    finally:
+        handle.remove()
+    assert got.shape == (2, 5, model.config.hidden_size)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected.reshape(got.shape))

@@ -41,7 +41,7 @@ from .components import head_site
 # (attention and MLP read the block input).
 MLP_INPUT = {"gpt2": "ln_2", "gpt_neo": "ln_2", "llama": "post_attention_layernorm",
              "mistral": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-             "gpt_neox": "post_attention_layernorm", "phi": None}
+             "gpt_neox": "post_attention_layernorm", "phi": None, "opt": "final_layer_norm"}
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")
 
 
@@ -156,6 +156,9 @@ class AttributionPatching:
         if family not in MLP_INPUT:
             raise ConfigError(f"attribution patching needs a pre-norm decoder whose heads and MLPs add into the "
                               f"residual stream; family {family!r} is not one of {', '.join(sorted(MLP_INPUT))}")
+        if family == "opt" and not getattr(self.loaded.model.config, "do_layer_norm_before", True):
+            raise ConfigError("attribution patching needs a pre-norm decoder; this OPT model normalises after each "
+                              "block (do_layer_norm_before=False, as OPT-350m does): use another OPT size")
         clean, corrupted = as_prompts(inputs), as_prompts(baselines, "baselines")
         if len(clean) != len(corrupted):
             raise ConfigError(f"{len(clean)} clean prompts but {len(corrupted)} corrupted baselines: give one "

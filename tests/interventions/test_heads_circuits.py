@@ -51,8 +51,9 @@ def test_circuit_discovery_finds_the_edge_from_the_previous_token_head_to_the_in
 
 
 def test_edge_scores_sum_to_node_scores_on_a_random_model(tiny_model):
-    """The same identity on a random GPT-2 and a parallel-residual GPT-NeoX, over two pairs in two batches."""
-    for family in ("gpt2", "gpt_neox"):
+    """The same identity on a random GPT-2, a parallel-residual GPT-NeoX and an OPT (its MLP is two bare
+    Linear layers in the block), over two pairs in two batches."""
+    for family in ("gpt2", "gpt_neox", "opt"):
         loaded = tiny_model(family, head=True)
         result = AttributionPatching(loaded, batch_size=1).attribute(
             ["a b c d e", "a b c d f"], baselines=["a b the d e", "a b the d f"], target=[(10, 11), (12, 13)])
@@ -64,6 +65,44 @@ def test_edge_scores_sum_to_node_scores_on_a_random_model(tiny_model):
                                            result.targets.index("blocks.0.mlp")]
         assert np.isnan(feeds_own_mlp) == parallel
         assert hooks_left(loaded.model) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_mlp_node_score_is_the_directional_derivative_of_the_metric(tiny_model, family):
+    """An MLP's node score, (a_clean - a_corrupted) . dM/da at the corrupted run, against a central
+    finite difference of the logit difference with the MLP output moved along that delta (a float64
+    model; the logits come back as float32, so the step is not tiny).
+    OPT's MLP output is flat (batch * seq, d) rows: its gradient must reach the kept view."""
+    from neuronmap.interventions._common import edit_activation, make_batch, run_logits, tokenize
+
+    loaded = tiny_model(family, head=True)
+    loaded.model.double()
+    try:
+        clean, corrupted, answer, wrong = "a b c d e", "a b the d e", 10, 11
+        result = AttributionPatching(loaded, batch_size=1).attribute(clean, baselines=corrupted, target=(answer, wrong),
+                                                                     layers="blocks.1")
+        ref = loaded.adapter.resolve("blocks.1.mlp")[0]
+        from neuronmap.capture import Capture
+
+        batches = {text: make_batch(loaded, [tokenize(loaded, text)]) for text in (clean, corrupted)}
+        with torch.no_grad(), Capture([ref]) as capture:
+            capture.run(run_logits, loaded, batches[clean])
+            delta = capture.outputs[ref.name].clone()
+            capture.run(run_logits, loaded, batches[corrupted])
+            delta -= capture.outputs[ref.name]
+
+        def metric(eps: float) -> float:
+            with torch.no_grad(), edit_activation(ref, lambda t: t + eps * delta):
+                last = run_logits(loaded, batches[corrupted])[0, -1]
+            return float(last[answer] - last[wrong])
+
+        eps = 1e-2
+        expected = (metric(eps) - metric(-eps)) / (2 * eps)
+        got = result.node_scores[result.nodes.index("blocks.1.mlp")]
+        assert abs(expected) > 1e-6
+        np.testing.assert_allclose(got, expected, rtol=1e-3)
+    finally:
+        loaded.model.float()
 
 
 def test_head_statistics_match_the_models_own_attention_weights(tiny_model):
