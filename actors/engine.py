@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from neuronmap.errors import ConfigError, StorageError
+from neuronmap.errors import ConfigError, StorageError, UnknownLayerError
 
 from . import options
 from .cluster import check_resources, ray_session
@@ -170,8 +170,11 @@ def _plan(model: str, device: str, model_dtype: str, staged: Any, layers: Any, p
                                    samples_per_shard))
     except Exception as error:
         worker_error = find_worker_error(error)
+        if isinstance(getattr(worker_error, "cause", None), UnknownLayerError):
+            # The same on every node: the error the local engine raises, without the worker's name.
+            raise worker_error.cause from None
         if worker_error is not None:
-            raise worker_error from None
+            raise worker_error from None  # a model that fails to load may be one node's problem: name it
         raise
 
 
@@ -215,7 +218,8 @@ def _pipeline(out: Path, plan: Any, prompts_path: Path, shards: list[range], tod
         ds = options.map_tokenize(ds, tokenize_shards, workers or max_workers, n_shards=len(tables),
                                   source=plan.source, max_length=plan.max_length,
                                   prompts=str(Path(prompts_path).resolve()))
-        ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus)
+        ds = options.map_workers(ds, ExtractionWorker, {"spec": spec}, workers, max_workers, cpus, gpus,
+                                 n_shards=len(tables))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()
 

@@ -150,7 +150,7 @@ def map_tokenize(ds: Any, fn: Any, max_workers: int, n_shards: int | None = None
 
 
 def map_workers(ds: Any, worker_cls: type, constructor_kwargs: dict[str, Any], workers: int | None,
-                max_workers: int, cpus: float, gpus: float) -> Any:
+                max_workers: int, cpus: float, gpus: float, n_shards: int | None = None) -> Any:
     """Extraction stage: an actor pool of `worker_cls`, one shard per call.
 
     `workers` fixes the pool size; None autoscales from 1 to `max_workers`. Workers restart after a
@@ -161,6 +161,9 @@ def map_workers(ds: Any, worker_cls: type, constructor_kwargs: dict[str, Any], w
     import ray.data
 
     in_flight = SHARDS_IN_FLIGHT_PER_WORKER
+    if n_shards is not None:  # a worker with no shard to take only loads the model and makes Ray Data warn
+        workers = None if workers is None else max(1, min(workers, n_shards))
+        max_workers = max(1, min(max_workers, n_shards))
     if workers is None:
         compute = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_workers),
                                              max_tasks_in_flight_per_actor=in_flight)

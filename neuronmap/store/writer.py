@@ -317,6 +317,11 @@ class RunWriter:
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise RunFormatError(f"cannot complete run {self.path}: {problems[0]}{more}")
+            # Shards in one order whoever committed them (workers finish out of order): by sample range,
+            # then layer, as a sequential extraction lists them, so equal runs have equal manifests.
+            position = {name: i for i, name in enumerate(manifest.layers)}
+            manifest.shards = sorted(manifest.shards, key=lambda s: (s.samples[0], position.get(s.layer, len(position)),
+                                                                     s.layer, s.path))
             manifest.status, manifest.error = "complete", None
             self._save(manifest)
         return manifest

@@ -18,7 +18,7 @@ from actorstest_util import PROMPTS, assert_same_run
 import neuronmap
 from actors.engine import run_ray_extraction
 from actors.errors import WorkerUserError
-from neuronmap.errors import ConfigError, UnknownModelError
+from neuronmap.errors import ConfigError, UnknownLayerError, UnknownModelError
 from neuronmap.store import open_run, verify_run
 
 
@@ -85,6 +85,32 @@ def test_unloadable_model_fails_fast_with_the_workers_typed_error(ray_cluster, t
     assert time.monotonic() - started < 60
     assert isinstance(caught.value.cause, UnknownModelError) and caught.value.worker
     assert "\n" not in str(caught.value)
+
+
+def test_unknown_layer_is_the_local_engines_error(ray_cluster, gpt2_dir, tmp_path):
+    """A layer the model lacks is wrong on every node: the Ray engine raises what the local engine
+    raises (same type, same message), not a worker error, and leaves no run behind."""
+    with pytest.raises(UnknownLayerError) as local:
+        neuronmap.extract(gpt2_dir, PROMPTS, layers="blocks.99", out=tmp_path / "local")
+    with pytest.raises(UnknownLayerError) as remote:
+        neuronmap.extract(gpt2_dir, PROMPTS, layers="blocks.99", out=tmp_path / "ray", engine="ray", workers=1)
+    assert type(remote.value) is type(local.value) and str(remote.value) == str(local.value)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_more_workers_than_shards_starts_one_per_shard_without_ray_warnings(ray_cluster, gpt2_dir, tmp_path):
+    """Two workers asked for, one shard to compute: one worker starts, and Ray Data has no actor pool
+    minimum it cannot meet to warn about; the run equals the local one."""
+    import warnings
+
+    local = neuronmap.extract(gpt2_dir, PROMPTS, layers="blocks.0", out=tmp_path / "local")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = neuronmap.extract(gpt2_dir, PROMPTS, layers="blocks.0", out=tmp_path / "ray", engine="ray", workers=2,
+                                cpus_per_worker=0.5)
+    assert len(run.manifest.shards) == 1
+    assert not [w for w in caught if "concurrent actors" in str(w.message)], [str(w.message) for w in caught]
+    assert_same_run(run, local)
 
 
 def test_worker_that_cannot_start_fails_the_pipeline_on_the_first_death(ray_cluster, gpt2_dir, tmp_path):

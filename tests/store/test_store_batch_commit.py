@@ -292,3 +292,23 @@ def test_a_forked_child_writes_shards_on_its_own_io_threads(tmp_path):
         child.join()
         pytest.fail("the forked child hung writing shards")
     assert child.exitcode == 0
+
+
+def test_complete_lists_shards_in_sample_then_layer_order_whatever_the_commit_order(tmp_path):
+    """Ray workers commit shards out of order; the completed manifest lists them as a sequential
+    extraction does (shard by shard, layers in manifest order), so equal runs have equal manifests."""
+    reference = write_run(tmp_path / "ref", format="hdf5")
+    lengths, n_rows, shards = plan(False)
+    writer = RunWriter(tmp_path / "shuffled", make_manifest(LAYERS, "float32", False, 7, None), format="hdf5")
+    writer.write_prompts(reference.prompts)
+    order = list(range(len(shards)))[::-1]
+    for index in order:
+        rows, samples = shards[index]
+        for name in reversed(LAYERS):
+            sl = slice(*rows)
+            writer.write_shard(name, index, rows=rows, samples=samples, activations=reference.arrays[name][sl],
+                               sample_ids=reference.sample_ids[sl])
+    assert len(shards) > 1 and load_manifest(tmp_path / "shuffled").shards[0].samples[0] > 0  # really out of order
+    listed = [(s.samples[0], s.layer) for s in writer.complete().shards]
+    assert listed == [(samples[0], name) for rows, samples in shards for name in LAYERS]
+    assert [(s.samples[0], s.layer) for s in load_manifest(tmp_path / "shuffled").shards] == listed
