@@ -8,6 +8,7 @@ Mistakes raise NeuronMapError: one red line, exit code 2.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from neuronmap.errors import ConfigError
+from neuronmap.listen import check_listen
 
 console = Console()
 err_console = Console(stderr=True)
@@ -129,10 +131,13 @@ def register(app: typer.Typer) -> None:
         if not runs_dir.is_dir():
             raise ConfigError(f"--runs-dir {runs_dir} is not a folder; create it or point at the folder holding "
                               "your runs (e.g. runs/)")
+        check_listen(host, port, example=8050)  # Flask would fail after start-up with a traceback, or take 0 as 8050
         if not _is_loopback(host):
             err_console.print(f"[yellow]warning:[/] binding {escape(host)}: the dashboard has no login; anyone who "
                               "can reach this address sees every run and can start analyses")
         app = create_app(runs_dir, workers=workers)
         console.print(f"NeuronMap dashboard over {escape(str(runs_dir.resolve()))}: http://{host}:{port}/ "
                       "(Ctrl-C stops it)", highlight=False)
+        if not debug:  # werkzeug's banner (a red "development server" warning) and a line per request
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
         app.run(host=host, port=port, debug=debug)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from neuronmap.errors import ConfigError
+from neuronmap.listen import check_listen
 
 console = Console()
 
@@ -33,29 +34,6 @@ def settings_from_options(**values: Any) -> Any:
             values[name] = str(Path(values[name]).expanduser().absolute())
     values = {k: v for k, v in values.items() if v is not None}
     return ServeSettings.parse({**values, "auth": auth, "batching": batching, "limits": limits}).resolved()
-
-
-def check_listen(host: str, port: int) -> None:
-    """Refuse a port Serve cannot use, before Ray starts: out of range, 0 (no URL to give), or taken.
-
-    Ray's proxy binds with SO_REUSEPORT, so a taken port does not fail there: a second server would share
-    it with the first and split its requests. A plain bind here tells.
-    """
-    import errno
-    import socket
-
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--port {port} is not a TCP port: use 1-65535, e.g. --port 8000")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {port} on {host} is already in use (another server?): stop it or pass "
-                                  "another --port") from None
-            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}; pass another --host or "
-                              "--port") from None
 
 
 def check_runs_dir(runs_dir: str, given: bool) -> None:

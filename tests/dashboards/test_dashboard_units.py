@@ -108,6 +108,7 @@ def test_dashboard_command_binds_loopback_by_default(runs_dir, monkeypatch, tmp_
             calls.append(kwargs)
 
     monkeypatch.setattr(dashboards.app, "create_app", lambda runs, workers: FakeApp())
+    monkeypatch.setattr("dashboards.cli.check_listen", lambda host, port, example: None)  # 8050 may be taken here
     assert main(["dashboard", "--runs-dir", str(runs_dir[0])]) == 0
     assert calls == [{"host": "127.0.0.1", "port": 8050, "debug": False}]
     assert main(["dashboard", "--runs-dir", str(runs_dir[0]), "--host", "0.0.0.0", "--port", "9000"]) == 0
