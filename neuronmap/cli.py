@@ -205,7 +205,16 @@ def _run_summary(run: Any) -> dict[str, Any]:
         "rows": {name: run.n_rows(name) for name in run.layers},
         "rows_committed": {name: sum(shard.rows[1] - shard.rows[0] for shard in manifest.shards_of(name))
                            for name in run.layers},
+        # for a running run: is a process writing it now (True), was its extraction killed (False), or
+        # cannot it be told (None: a run on object storage, or written before the writing lock existed)
+        "writer_alive": _writer_alive(run) if manifest.status == "running" else None,
     }
+
+
+def _writer_alive(run: Any) -> bool | None:
+    from .store.liveness import writer_alive
+
+    return None if hasattr(run, "url") else writer_alive(run.path)
 
 
 def _show_run(run: Any, as_json: bool) -> None:
@@ -234,7 +243,12 @@ def _show_run(run: Any, as_json: bool) -> None:
             cells.append(f"{summary['rows_committed'][name]} rows")
         table.add_row(*cells)
     console.print(table)
-    if status == "running":
+    if status == "running" and summary["writer_alive"]:
+        console.print("[yellow]this run is being extracted now (a process holds its writing lock)[/]")
+    elif status == "running" and summary["writer_alive"] is False:
+        console.print("[yellow]this run was interrupted (no process is writing it): re-run the same "
+                      "`neuronmap extract` command to resume it[/]")
+    elif status == "running":
         console.print("[yellow]this run is incomplete: re-run the same `neuronmap extract` command to resume it[/]")
     elif status == "failed":
         console.print(f"[red]this run failed: {summary['error']}; re-run the same command to resume it[/]")

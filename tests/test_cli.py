@@ -78,7 +78,7 @@ def test_show_counts_the_rows_an_unfinished_run_has_committed(capsys, gpt2_dir, 
     summary = json.loads(stdout)
     assert code == 0 and summary["rows"] == {"blocks.0": 3} and summary["rows_committed"] == {"blocks.0": 2}
     code, stdout, _ = run_cli(capsys, "runs", "show", out)
-    assert code == 0 and "2 rows" in stdout and "incomplete" in stdout
+    assert code == 0 and "2 rows" in stdout and "interrupted" in stdout
 
 def test_verify_reports_corruption_with_exit_3(capsys, gpt2_dir, prompts, tmp_path):
     out = tmp_path / "run"

@@ -40,6 +40,7 @@ from .manifest import (
     coverage_problems, fsync_dir, load_manifest, neuronmap_version, now_iso, shard_relpath, storage_error,
     write_manifest,
 )
+from .liveness import hold_writing, release_writing
 from .shards import check_compression, write_shard_file
 from .validate import as_index, check_shard
 
@@ -111,6 +112,7 @@ class RunWriter:
             (self.path / ACTIVATIONS_DIR).mkdir(exist_ok=True)
         except OSError as error:
             raise storage_error(error, self.path) from None
+        self._writing = hold_writing(self.path)  # before the run says `running`: a reader never sees it orphaned
         with self._lock():
             self._save(fresh)
         if self.resumed:
@@ -124,6 +126,7 @@ class RunWriter:
             raise RunFormatError(f"run {path} is {manifest.status}; only a running run accepts shards")
         self = cls.__new__(cls)
         self.path, self.resumed, self._stat, self._manifest = Path(path), True, None, manifest
+        self._writing = hold_writing(self.path)
         self._remember_stat()
         return self
 
@@ -324,6 +327,7 @@ class RunWriter:
                                                                      s.layer, s.path))
             manifest.status, manifest.error = "complete", None
             self._save(manifest)
+        self.close()
         return manifest
 
     def fail(self, message: str) -> None:
@@ -332,6 +336,13 @@ class RunWriter:
             manifest = self._reload()
             manifest.status, manifest.error = "failed", " ".join(str(message).split()) or "failed"
             self._save(manifest)
+        self.close()
+
+    def close(self) -> None:
+        """Stop holding the run's writing lock (`liveness`): this process no longer writes it. Idempotent;
+        also what happens when the process dies."""
+        release_writing(getattr(self, "_writing", None))
+        self._writing = None
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -340,6 +351,7 @@ class RunWriter:
         if exc is not None and self._manifest.status == "running":
             with contextlib.suppress(Exception):
                 self.fail(f"{exc_type.__name__}: {exc}")
+        self.close()
         return False
 
     # -- creating / resuming ---------------------------------------------------------------------

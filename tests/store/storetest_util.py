@@ -77,5 +77,6 @@ def write_run(path, format="hdf5", per_token=False, dtype="float32", layers=LAYE
 
 
 def listing(path: Path) -> list[str]:
-    """Every file under `path`, relative, sorted (the lock file excluded)."""
-    return sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file() and p.name != ".lock")
+    """Every file under `path`, relative, sorted (the lock files excluded)."""
+    return sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*")
+                  if p.is_file() and p.name not in (".lock", ".writing"))
