@@ -88,3 +88,39 @@ def tables_csv(artifact: Artifact) -> str:
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     return buffer.getvalue()
+
+
+def coordinates(artifact: Artifact) -> int:
+    """Coordinates per row a `pca` (projection table, ``pc1..``) or `tsne` (embedding, ``tsne1..``) artifact
+    stores; 0 for other analyses or when the table is absent. Read from the parquet schema only, so the
+    Artifact page can offer a 3-D view only where there is a third coordinate to draw."""
+    table, prefix = {"pca": ("projection", "pc"), "tsne": ("embedding", "tsne")}.get(artifact.analysis, (None, None))
+    path = artifact.path / f"{table}.parquet"
+    if table is None or not path.is_file():
+        return 0
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    return sum(1 for name in names if name.startswith(prefix) and name[len(prefix):].isdigit())
+
+
+def damaged_artifacts(run_path: str | os.PathLike, run_id: str) -> list[tuple[str, str]]:
+    """(artifact id, reason) of every artifact folder of the run whose result.json cannot be read.
+
+    `list_artifacts` leaves these out; pages list them with the reason instead, so a damaged result does
+    not just vanish. The run's folder is written as its id (`run_id`) in the reasons.
+    """
+    folder = str(run_path)
+    return [(path.name, reason.replace(folder, run_id)) for path, reason in unreadable_artifacts(run_path)]
+
+
+def damaged_in(repository: Any, run_id: str) -> list[tuple[str, str]]:
+    """`damaged_artifacts` of a run of `repository` (a `dashboards.data.Repository`), cached until its
+    analyses folder changes."""
+    path = repository.run_path(run_id)
+    folder = path / "analyses"
+    try:
+        stamp = folder.stat().st_mtime_ns
+    except OSError:
+        return []
+    return repository.derived(("damaged-artifacts", str(path), stamp), lambda: damaged_artifacts(path, run_id))

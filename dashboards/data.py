@@ -95,10 +95,21 @@ class RunEntry:
     updated: str = ""
     error: str | None = None
     progress: float | None = None
+    interrupted: bool = False
+    """A `running` run that has committed nothing for long: its extraction was killed (`runstate`)."""
+    interruption: str | None = None
+    """For an interrupted run: the sentence the pages show (how far it got, and that re-running resumes it)."""
+    resume_command: str | None = None
+    """For an interrupted run: the `neuronmap extract` command that resumes it."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def state(self) -> str:
+        """What the pages show: the manifest's status, or `interrupted` for a run nobody extracts any more."""
+        return "interrupted" if self.interrupted else self.status
 
 
 @dataclass
@@ -151,14 +162,17 @@ class Repository:
             manifest = load_manifest(folder)
         except NeuronMapError as error:
             return RunEntry(run_id, folder, "corrupt", error=str(error))
-        progress = None
-        if manifest.status == "running":
-            expected = sum(manifest.expected_rows(name) or 0 for name in manifest.layers)
-            done = sum(shard.rows[1] - shard.rows[0] for shard in manifest.shards)
-            progress = done / expected if expected else None
-        return RunEntry(run_id, folder, manifest.status, manifest.model, list(manifest.layers), manifest.n_samples,
-                        manifest.format, manifest.pooling, manifest.created or "", manifest.updated or "",
-                        manifest.error if manifest.status == "failed" else None, progress)
+        from . import runstate
+
+        progress = runstate.progress(manifest) if manifest.status == "running" else None
+        entry = RunEntry(run_id, folder, manifest.status, manifest.model, list(manifest.layers), manifest.n_samples,
+                         manifest.format, manifest.pooling, manifest.created or "", manifest.updated or "",
+                         manifest.error if manifest.status == "failed" else None, progress)
+        if runstate.is_interrupted(folder, manifest):
+            entry.interrupted = True
+            entry.interruption = runstate.interrupted_message(folder, manifest, progress)
+            entry.resume_command = runstate.resume_command(folder, manifest)
+        return entry
 
     def runs(self, fresh: bool = False) -> list[RunEntry]:
         """Every run folder (holding a manifest.json) up to `max_depth` levels down, re-scanned every 2 s."""
@@ -214,12 +228,32 @@ class Repository:
                     continue
         return sorted(out, key=lambda pair: str(pair[1].result.get("created")), reverse=True)
 
-    def newest(self, run_id: str, analysis: str, layer: str | None = None) -> Artifact | None:
-        """The newest artifact of `analysis` on this run (covering `layer` when given)."""
+    def newest(self, run_id: str, analysis: str, layer: str | None = None, current: bool = False,
+               where: Callable[[Artifact], bool] | None = None) -> Artifact | None:
+        """The newest artifact of `analysis` on this run (covering `layer` when given).
+
+        With `current`, only artifacts computed on the run's present shards (`Repository.current`):
+        pages that show an artifact's numbers as exact must not pick one made before the run gained
+        rows. `where` narrows further (e.g. a cka artifact of the same run, not a cross-run one).
+        """
         for artifact in self.artifacts(run_id):
-            if artifact.analysis == analysis and (layer is None or layer in artifact.result["units"]):
+            if artifact.analysis == analysis and (layer is None or layer in artifact.result["units"]) \
+                    and (where is None or where(artifact)) and (not current or self.current(run_id, artifact)):
                 return artifact
         return None
+
+    def current(self, run_id: str, artifact: Artifact) -> bool | None:
+        """Whether `artifact` covers the run's present shards (`neuronmap.analysis.runner.is_current`).
+
+        None when that cannot be told (not a registered analysis of the run's shards). Cached per
+        manifest version, so a run that gains shards is checked again.
+        """
+        from neuronmap.analysis.runner import is_current
+
+        run = self.run(run_id)
+        key = ("current", str(run.path), _mtime(run.path / "manifest.json"), artifact.id,
+               _mtime(artifact.path / "result.json"))
+        return self._derived.get(key, lambda: is_current(run, artifact))
 
     # -- layers ------------------------------------------------------------------------------------------
     def layer_sample(self, run_id: str, layer: str, max_rows: int = SAMPLE_ROWS, seed: int = 0) -> LayerSample:

@@ -6,11 +6,17 @@ parameters that the analysis' own pydantic model validates. Jobs run on a thread
 threads; each calls `neuronmap.analysis.analyze` with an engine wrapper that counts finished tasks
 (the progress bar). With engine "ray" the tasks fan out to Ray (`neuronmap.analysis_engines`), and
 the progress advances when Ray returns them.
+
+`submit` refuses at once what the analysis would refuse before reading any activation: a missing label
+column, too few layers, and whatever the analysis' own pre-flight `check` finds on the chosen layers'
+shapes (n_components above the width, a t-SNE perplexity above the rows, ...). Its messages speak of the
+form's fields and the run's id, not of command-line flags and folders.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 import warnings
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from neuronmap.errors import ConfigError, NeuronMapError
+
+from .runstate import prompts_unreadable
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Job:
     params: dict[str, Any]
     engine: str
     status: str = "queued"  # queued | running | done | failed
+    reused: bool = False
     done: int = 0
     total: int = 0
     message: str = ""
@@ -102,23 +111,55 @@ class JobManager:
 
         run = self.repository.run(run_id)
         spec = get_analysis(analysis)
-        spec.parse_params(params or {})
+        model = spec.parse_params(params or {})
         layers = list(layers or [])
         unknown = [layer for layer in layers if layer not in run.layers]
         if unknown:
             raise ConfigError(f"layers {', '.join(unknown)} are not in run {run_id}; it holds: {', '.join(run.layers)}")
         if not layers:
             raise ConfigError("select at least one layer")
-        if labels and labels not in self.repository.label_columns(run_id):
-            raise ConfigError(f"label column {labels!r} is not in run {run_id}; label columns: "
-                              f"{', '.join(self.repository.label_columns(run_id)) or '(none)'}")
+        if labels or spec.needs_labels:
+            columns = self._label_columns(run_id)
+            shown = ", ".join(columns) or "none: its prompts have no label columns"
+            if labels and labels not in columns:
+                raise ConfigError(f"label column {labels!r} is not in run {run_id}; label columns: {shown}")
+            if not labels:
+                raise ConfigError(f"{spec.name} needs a label column: choose one under Label column (run {run_id} "
+                                  f"has: {shown})")
+        if spec.scope == "layer_pair" and len(layers) < 2 and spec.pair_mode(model) != "ordered":
+            raise ConfigError(f"{spec.name} compares layers: select at least 2 layers (selected: {', '.join(layers)})")
         if engine not in available_engines():
             raise ConfigError(f"engine {engine!r} is not available; installed engines: {', '.join(available_engines())}")
+        self._preflight(run, run_id, spec, model, layers, labels)
         job = Job(f"job-{next(self._ids)}", run_id, spec.name, layers, labels or None, dict(params or {}), engine)
         with self._lock:
             self._jobs[job.id] = job
         self._pool.submit(self._run, job)
         return job
+
+    def _label_columns(self, run_id: str) -> list[str]:
+        try:
+            return self.repository.label_columns(run_id)
+        except NeuronMapError:  # a damaged prompts.parquet
+            raise ConfigError(f"no label column can be used: {prompts_unreadable(run_id)}") from None
+
+    @staticmethod
+    def _preflight(run, run_id: str, spec, model, layers: list[str], labels: str | None) -> None:
+        """What `analyze` checks before reading activations: rows committed, and the analysis' own `check`
+        on the units' shapes. Any other failure is left for the job to report."""
+        from neuronmap.analysis.runner import _labels_column, _unit_layers, build_units
+
+        try:
+            units = build_units(run, spec, layers, _labels_column(run, spec, labels, []), 4096, model)
+            for data in units.values():
+                for item in _unit_layers(data):
+                    if item.n_rows == 0:
+                        raise ConfigError(f"layer {item.layer} has no committed rows yet: wait for the extraction "
+                                          "to write its first shard")
+                if spec.check is not None:
+                    spec.check(data, model)
+        except NeuronMapError as error:
+            raise ConfigError(dashboard_wording(str(error), run.path, run_id)) from None
 
     def _run(self, job: Job) -> None:
         from neuronmap.analysis.runner import analyze, get_engine
@@ -133,6 +174,7 @@ class JobManager:
                                    engine=engine)
             job.warnings = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
             job.artifact_id = artifact.id
+            job.reused = bool(artifact.reused)
             job.message = "reused an identical artifact" if artifact.reused else f"wrote {artifact.id}"
             job.status = "done"
         except NeuronMapError as error:
@@ -153,3 +195,24 @@ class JobManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_CLI_HINTS = (
+    (re.compile(r"pass --labels COLUMN(?: \(labels=\.\.\.\))?"), "choose one under Label column"),
+    (re.compile(r"use --layers with a glob such as '[^']*'"), "select more layers"),
+    (re.compile(r"\bpass --param (?=\w+=)"), "set --param "),
+    (re.compile(r"--param (\w+=\S+?)([;,)]?(?:\s|$))"), r"\1 under Parameters\2"),
+    (re.compile(r"--param (\w+)"), r"\1 (under Parameters)"),
+    (re.compile(r"--labels column"), "label column"),
+    (re.compile(r"(?:pass |with )?--labels\b"), "the Label column"),
+    (re.compile(r"(?:with )?--layers\b"), "under Layers"),
+)
+
+
+def dashboard_wording(message: str, run_path, run_id: str) -> str:
+    """An analysis' message for the Launch form: the run's folder written as its id, command-line hints
+    (``pass --param perplexity=6``, ``--labels COLUMN``) as the form's fields."""
+    message = message.replace(str(run_path), run_id)
+    for pattern, replacement in _CLI_HINTS:
+        message = pattern.sub(replacement, message)
+    return message

@@ -1,8 +1,10 @@
 """What the Layer explorer shows, computed from the run's artifacts when there are some, else from a sample.
 
-Exact numbers come from artifacts (`stats`, `pca`, `tsne`, `kmeans` of that layer, newest first); without
-them, per-neuron statistics and a PCA projection are computed on the layer's seeded sample of at
-most `data.SAMPLE_ROWS` rows and labelled as such. Everything the page derives from the sample (the
+Exact numbers come from artifacts (`stats`, `pca`, `tsne`, `kmeans` of that layer, newest first) that
+are current, i.e. computed on the run's present shards (`Repository.current`: an artifact made
+before an interrupted run was resumed covers only its first rows); without one, per-neuron
+statistics and a PCA projection are computed on the layer's seeded sample of at most
+`data.SAMPLE_ROWS` rows and labelled as such. Everything the page derives from the sample (the
 statistics, the PCA projection, the values of the distribution chart and the rows of the heatmap) is
 a `LayerSummary` plus the sample's PCA (`sample_projection`, skipped when a `pca` artifact exists),
 each cached in memory and on disk (`diskcache`), so a second visit, also after a restart, reads no
@@ -114,8 +116,28 @@ def sample_projection(repo, run_id: str, layer: str) -> Projection | None:
     if arrays["coords"].shape[1] < 2:
         return None
     n, total = len(arrays["rows"]), int(arrays["n_rows"])
-    return Projection(arrays["coords"], arrays["rows"], arrays["sample_ids"], "pca",
-                      f"computed on a seeded sample of {n:,} of {total:,} rows", arrays["explained"].tolist() or None)
+    return Projection(arrays["coords"], arrays["rows"], arrays["sample_ids"], "pca", sample_caption(n, total),
+                      arrays["explained"].tolist() or None)
+
+
+def sample_caption(n: int, total: int) -> str:
+    """Where sample-based numbers come from (the sample is the whole layer up to `data.SAMPLE_ROWS` rows)."""
+    return f"computed on a seeded sample of {n:,} of {total:,} rows"
+
+
+def stale_note(repo, run_id: str, analysis: str, layer: str) -> str:
+    """"; artifact X was computed on an earlier state of the run ..." when the newest `analysis` artifact
+    of the layer is not current (so its numbers are not shown), else "".
+
+    Says so instead of silently showing sample numbers next to an artifact the run page lists."""
+    artifact = repo.newest(run_id, analysis, layer)
+    if artifact is None or repo.current(run_id, artifact) is not False:
+        return ""
+    run = artifact.result.get("run") or {}
+    rows = sorted({doc.get("rows") for doc in artifact.result["units"].values() if doc.get("rows") is not None})
+    held = f"{', '.join(f'{r:,}' for r in rows)} rows, " if rows else ""
+    return (f"; artifact {artifact.id} was computed on an earlier state of the run ({held}status "
+            f"{run.get('status', '?')}) and is not shown: re-run the analysis")
 
 
 def _key(repo, run_id: str, layer: str, what: str) -> tuple:
@@ -129,21 +151,26 @@ def neuron_stats(repo, run_id: str, layer: str) -> tuple[pd.DataFrame, str]:
     """Per-neuron statistics (one row per neuron) and where they come from."""
 
     def compute():
-        artifact = repo.newest(run_id, "stats", layer)
+        artifact = repo.newest(run_id, "stats", layer, current=True)
         if artifact is not None:
             frame = artifact.table("neurons")
             frame = frame[frame["layer"] == layer]
             return frame[[c for c in STAT_COLUMNS if c in frame.columns]].reset_index(drop=True), \
                 f"exact, from artifact {artifact.id}"
         found = summary(repo, run_id, layer)
-        return found.stats, (f"estimated on a seeded sample of {found.n_sample:,} of {found.n_rows:,} rows; "
-                             "run the stats analysis for exact values")
+        return found.stats, (f"estimated on a seeded sample of {found.n_sample:,} of {found.n_rows:,} rows; run the "
+                             "stats analysis for exact values" + stale_note(repo, run_id, "stats", layer))
 
     return repo.derived(_key(repo, run_id, layer, "stats"), compute)
 
 
-def projection(repo, run_id: str, layer: str, method: str = "pca") -> Projection | None:
-    """PCA (artifact, else computed on the sample) or t-SNE (artifact only; None without one)."""
+def projection(repo, run_id: str, layer: str, method: str = "pca", dims: int = 2) -> Projection | None:
+    """PCA (artifact, else computed on the sample) or t-SNE (artifact only; None without one).
+
+    A PCA artifact with fewer than `dims` coordinates (the default ``project=2`` for a 3-D view) gives
+    way to the sample's PCA, which keeps 3; a t-SNE artifact is returned as it is (the caller says
+    when it has too few dimensions).
+    """
 
     def from_table(artifact, table: str, prefix: str, name: str) -> Projection | None:
         frame = artifact.table(table)
@@ -160,23 +187,29 @@ def projection(repo, run_id: str, layer: str, method: str = "pca") -> Projection
 
     def compute():
         if method == "tsne":
-            artifact = repo.newest(run_id, "tsne", layer)
+            artifact = repo.newest(run_id, "tsne", layer, current=True)
             return None if artifact is None else from_table(artifact, "embedding", "tsne", "tsne")
-        artifact = repo.newest(run_id, "pca", layer)
+        artifact = repo.newest(run_id, "pca", layer, current=True)
         if artifact is not None and "projection" in artifact.tables:
             found = from_table(artifact, "projection", "pc", "pca")
-            if found is not None:
+            if found is not None and found.coords.shape[1] >= dims:
                 return found
-        return sample_projection(repo, run_id, layer)
+            note = "" if found is None else f" (artifact {artifact.id} stores {found.coords.shape[1]} coordinates)"
+        else:
+            note = stale_note(repo, run_id, "pca", layer)
+        found = sample_projection(repo, run_id, layer)
+        if found is not None and note:
+            found.source += note
+        return found
 
-    return repo.derived(_key(repo, run_id, layer, f"projection-{method}"), compute)
+    return repo.derived(_key(repo, run_id, layer, f"projection-{method}-{dims if method == 'pca' else ''}"), compute)
 
 
 def clusters(repo, run_id: str, layer: str) -> tuple[dict[int, int], str] | None:
     """layer row -> k-means cluster, from the newest kmeans artifact of the layer (None without one)."""
 
     def compute():
-        artifact = repo.newest(run_id, "kmeans", layer)
+        artifact = repo.newest(run_id, "kmeans", layer, current=True)
         if artifact is None or "assignments" not in artifact.tables:
             return None
         frame = artifact.table("assignments")

@@ -11,7 +11,7 @@ from neuronmap import viz
 from neuronmap.analysis.artifacts import to_jsonable
 from neuronmap.errors import NeuronMapError
 
-from ..artifacts import metrics_frame, tables_csv
+from ..artifacts import coordinates, metrics_frame, tables_csv
 from ..components import card, frame_table, graph, header, href, labelled, options
 from ..export import figure_bytes
 
@@ -32,9 +32,16 @@ def layout(ctx, query: dict) -> html.Div:
     else:
         controls.append(dcc.Store(id="artifact-unit", data=None))
     if artifact.analysis in ("pca", "tsne"):
+        have = coordinates(artifact)
+        why = None
+        if have < 3:  # a 3-D choice would silently redraw the 2-D figure
+            option = "project" if artifact.analysis == "pca" else "n_components"
+            why = (f"3-D needs a third coordinate: this artifact stores {have}; re-run {artifact.analysis} "
+                   f"with --param {option}=3")
         controls.append(dbc.Col(labelled("Dimensions", dbc.RadioItems(
             id="artifact-dims", value=2, inline=True, options=[{"label": "2-D", "value": 2},
-                                                               {"label": "3-D", "value": 3}]), "artifact-dims"), md=6))
+                                                               {"label": "3-D", "value": 3, "disabled": have < 3}]),
+            "artifact-dims", why), md=6))
     else:
         controls.append(dcc.Store(id="artifact-dims", data=2))
     downloads = html.Div([
@@ -46,6 +53,11 @@ def layout(ctx, query: dict) -> html.Div:
         html.Div(id="download-error", className="small text-danger"),
     ], className="d-flex gap-2 align-items-center flex-wrap", role="group", **{"aria-label": "Downloads"})
     warnings = [dbc.Alert(w, color="warning", className="py-1 small mb-1") for w in artifact.warnings]
+    if _stale(ctx.repository, run_id, artifact):
+        warnings.insert(0, dbc.Alert("Computed on an earlier state of the run: the run has gained or changed shards "
+                                     "since, so these numbers describe only the rows it held then; re-run the "
+                                     "analysis for the run as it is now.", color="warning", className="py-1 small mb-1",
+                                     id="artifact-stale"))
     subtitle = [dcc.Link(run_id, href=href("/run", run=run_id)),
                 f" · {result.get('family', '')} · layers {', '.join(result.get('layers', []))}"
                 f"{' · labels ' + result['labels'] if result.get('labels') else ''} · {result.get('created', '')[:19]}"
@@ -61,6 +73,14 @@ def layout(ctx, query: dict) -> html.Div:
                                                 className="small mb-0", id="artifact-params")), lg=4),
         ]),
     ])
+
+
+def _stale(repo, run_id: str, artifact) -> bool:
+    """True when the artifact was computed on other shards than the run holds now (`Repository.current`)."""
+    try:
+        return repo.current(run_id, artifact) is False
+    except NeuronMapError:
+        return False
 
 
 def register(app, ctx) -> None:

@@ -7,6 +7,7 @@ optional ``layer``, ``head`` and ``sample`` (a prompt's sample_id).
 
 from __future__ import annotations
 
+import dash
 import dash_bootstrap_components as dbc
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from neuronmap.errors import NeuronMapError
 
 from .. import attention
 from ..components import card, error_state, graph, header, href, labelled, options
+from ..runstate import prompts_unreadable
 
 PATH = "/attention"
 TITLE = "Attention heads"
@@ -46,14 +48,37 @@ def _heads(run, layer: str, live: bool) -> int:
     return 1
 
 
+def pick_sample(prompts: pd.DataFrame, asked: str | None) -> tuple[int, str | None]:
+    """The sample_id to show for the page argument `asked`, and a note when it named no prompt of the run
+    (then the first prompt is shown)."""
+    first = int(prompts["sample_id"].iloc[0])
+    if asked in (None, ""):
+        return first, None
+    try:
+        sample = int(asked)
+    except (TypeError, ValueError):
+        return first, f"sample={asked!r} is not a sample_id: showing the first prompt (#{first})"
+    if not (prompts["sample_id"] == sample).any():
+        return first, f"no prompt with sample_id {sample} in this run: showing the first prompt (#{first})"
+    return sample, None
+
+
 def layout(ctx, query: dict) -> html.Div:
     repo = ctx.repository
     run_id = query.get("run", "")
     run = repo.run(run_id)
-    prompts = repo.prompts(run_id)
+    title = header("Attention heads", [dcc.Link(run_id, href=href("/run", run=run_id)), f" · {run.manifest.model}"])
+    try:
+        prompts = repo.prompts(run_id)
+    except NeuronMapError:
+        reason = prompts_unreadable(run_id)
+        return html.Div([title, error_state(reason[0].upper() + reason[1:] + ".",
+                                            title="Attention needs the run's prompts")])
+    if prompts.empty:
+        return html.Div([title, error_state(f"run {run_id} has no prompts.",
+                                            title="Attention needs the run's prompts")])
     layers = attention.stored_layers(run)
     live = not layers
-    title = header("Attention heads", [dcc.Link(run_id, href=href("/run", run=run_id)), f" · {run.manifest.model}"])
     if live:
         try:
             layers = attention.live_layers(run)
@@ -65,9 +90,9 @@ def layout(ctx, query: dict) -> html.Div:
     n_heads = _heads(run, layer, live)
     try:
         head = min(max(int(query.get("head", 0)), 0), n_heads - 1)
-        sample = int(query["sample"]) if "sample" in query else int(prompts["sample_id"].iloc[0])
     except (TypeError, ValueError):
-        head, sample = 0, int(prompts["sample_id"].iloc[0])
+        head = 0
+    sample, note = pick_sample(prompts, query.get("sample"))
     controls = dbc.Row([
         dbc.Col(labelled("Prompt", dcc.Dropdown(id="attention-prompt", value=sample, clearable=False,
                                                 options=_prompt_options(prompts, None, sample),
@@ -81,6 +106,7 @@ def layout(ctx, query: dict) -> html.Div:
         title,
         dcc.Store(id="attention-key", data={"run": run_id, "live": live}),
         html.Div(source, className="small text-muted mb-2", id="attention-source"),
+        dbc.Alert(note, color="warning", className="py-1 small", id="attention-note") if note else None,
         controls,
         card("Attention pattern", html.Div(id="attention-caption", className="small text-muted"),
              graph({}, id="attention-graph", height=620)),
@@ -116,8 +142,16 @@ def register(app, ctx) -> None:
                   Input("attention-prompt", "value"), Input("attention-layer", "value"),
                   Input("attention-head", "value"), State("attention-key", "data"))
     def draw(sample, layer, head, key):
-        try:
-            fig, caption, n_heads, head = figure(repo, key["run"], layer, int(sample), int(head or 0))
-        except (NeuronMapError, TypeError, ValueError) as error:
-            return {}, error_state(str(error), title="This pattern cannot be shown"), [], None
-        return fig, caption, options(range(n_heads)), str(head)
+        return draw_pattern(repo, key["run"], sample, layer, head)
+
+
+def draw_pattern(repo, run_id: str, sample, layer: str, head) -> tuple:
+    """(figure, caption, head options, head) for the callback; on a problem an empty figure and the reason,
+    with the Head select left as it is (`dash.no_update`)."""
+    if sample in (None, ""):
+        return {}, "Pick a prompt.", dash.no_update, dash.no_update
+    try:
+        fig, caption, n_heads, head = figure(repo, run_id, layer, int(sample), int(head or 0))
+    except (NeuronMapError, TypeError, ValueError) as error:
+        return {}, error_state(str(error), title="This pattern cannot be shown"), dash.no_update, dash.no_update
+    return fig, caption, options(range(n_heads)), str(head)

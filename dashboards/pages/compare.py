@@ -41,20 +41,56 @@ def _samples(repo, run_id: str, layers: list[str]):
     return {layer: repo.layer_sample(run_id, layer, max_rows=SAMPLE) for layer in layers}
 
 
+def _other_digest(other) -> str:
+    """The digest cka's ``other_run_shards`` parameter records for run `other`'s present shards."""
+    from neuronmap.analysis.registry import get_analysis
+
+    return get_analysis("cka").params.model_construct(other_run=str(other.path)).other_run_shards
+
+
+def exact_artifact(repo, run_id: str, other_id: str | None):
+    """The newest current `cka` artifact of `run_id` for this view, or None.
+
+    Within a run: one without ``other_run`` over at least 2 layers. Against another run: one whose
+    ``other_run_shards`` is the digest of that run's present shards (the same data, wherever the
+    artifact's ``other_run`` path pointed from). Current: computed on `run_id`'s present shards.
+    """
+    same = not other_id or other_id == run_id
+    if same:
+        def wanted(artifact) -> bool:
+            return not (artifact.result.get("params") or {}).get("other_run") \
+                and len(artifact.result.get("layers", [])) >= 2
+    else:
+        digest = _other_digest(repo.run(other_id))
+
+        def wanted(artifact) -> bool:
+            params = artifact.result.get("params") or {}
+            return bool(params.get("other_run")) and params.get("other_run_shards") == digest
+    return repo.newest(run_id, "cka", where=wanted, current=True)
+
+
+def _row_space(run, layers: list[str]) -> str:
+    kinds = {bool(run.layer_info(l).per_token) for l in layers}
+    return "mixed" if len(kinds) > 1 else ("per-token" if kinds == {True} else "per-prompt")
+
+
 def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, list[str], list[str], str]:
     """(matrix, row layers, column layers, where the numbers come from).
 
-    Without a `cka` artifact the matrix is computed on a seeded sample of `SAMPLE` samples
-    (`reduce.linear_cka_matrix`: each layer centred once) and kept in memory and in the run's disk cache.
+    The newest current `cka` artifact for the view (`exact_artifact`) gives exact numbers; without
+    one the matrix is computed on a seeded sample of `SAMPLE` rows (`reduce.linear_cka_matrix`: each
+    layer centred once) and kept in memory and in the run's disk cache. ConfigError (one line) when
+    the rows of the two runs do not pair up: other prompts, or per-token against per-prompt rows.
     """
     run = repo.run(run_id)
     rows = [l for l in run.layers if run.layer_info(l).kind == "hidden"][:MAX_LAYERS]
+    artifact = exact_artifact(repo, run_id, other_id)
+    if artifact is not None:
+        frame = viz.pair_frame(artifact, "cka", 1.0)
+        method = (artifact.result.get("params") or {}).get("method", "linear")
+        return frame.to_numpy(), list(frame.index), list(frame.columns), \
+            f"exact{'' if method == 'linear' else f' ({method} CKA)'}, from artifact {artifact.id}"
     if not other_id or other_id == run_id:
-        artifact = repo.newest(run_id, "cka")
-        if artifact is not None and not (artifact.result.get("params") or {}).get("other_run") \
-                and len(artifact.result.get("layers", [])) >= 2:
-            frame = viz.pair_frame(artifact, "cka", 1.0)
-            return frame.to_numpy(), list(frame.index), list(frame.columns), f"exact, from artifact {artifact.id}"
         other_id, columns = run_id, rows
     else:
         other = repo.run(other_id)
@@ -62,11 +98,16 @@ def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, lis
             raise ConfigError(f"run {other_id} has {other.manifest.n_samples} samples but {run_id} has "
                                  f"{run.manifest.n_samples}: CKA between runs compares the same prompts")
         columns = [l for l in other.layers if other.layer_info(l).kind == "hidden"][:MAX_LAYERS]
+        mine, theirs = _row_space(run, rows), _row_space(other, columns)
+        if rows and columns and mine != theirs:
+            raise ConfigError(f"run {run_id} holds {mine} rows and {other_id} {theirs} rows: per-token and "
+                              "per-prompt runs cannot be compared row by row; extract both with the same pooling")
     if not rows or not columns:
         return np.empty((len(rows), len(columns))), rows, columns, "no hidden layers"
     same = other_id == run_id
     other = repo.run(other_id)
     digests = [diskcache.run_digest(run, rows), diskcache.run_digest(other, columns)]
+    unit = "token rows" if _row_space(run, rows) == "per-token" else "samples"
 
     def from_samples() -> dict[str, np.ndarray]:
         mine = _samples(repo, run_id, rows)
@@ -83,7 +124,10 @@ def cka_matrix(repo, run_id: str, other_id: str | None) -> tuple[np.ndarray, lis
     def compute():
         key = ["cka", rows, columns, SAMPLE, digests]
         arrays = diskcache.cached(run.path, f"cka/{other_id}", key, from_samples)
-        return arrays["matrix"], (f"computed on a seeded sample of {int(arrays['n']):,} samples; "
+        if np.isnan(arrays["matrix"]).all():
+            raise ConfigError(f"the rows of {run_id} and {other_id} do not hold the same samples in the same "
+                              "order (other tokenization or other prompts): they cannot be compared row by row")
+        return arrays["matrix"], (f"computed on a seeded sample of {int(arrays['n']):,} {unit}; "
                                   "run `neuronmap analyze RUN cka` for exact values")
 
     matrix, source = repo.derived(("compare", run_id, other_id, *digests), compute)

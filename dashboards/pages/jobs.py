@@ -35,10 +35,28 @@ def _meter(label: str, percent: float | None, detail: str) -> html.Div:
                                   style={"height": "1.1rem"})])
 
 
+def _interrupted(entries) -> html.Div | None:
+    if not entries:
+        return None
+    items = [html.Li([html.Div([dcc.Link(entry.id, href=href("/run", run=entry.id)), html.Span(f" {entry.model} "),
+                                status_badge(entry.state)]),
+                      html.Div(entry.interruption + ":", className="small"),
+                      html.Code(entry.resume_command, className="d-block small text-break")],
+                     className="list-group-item")
+             for entry in entries]
+    return html.Div([html.H3("Interrupted extractions", className="h6 mt-3"),
+                     html.Ul(items, className="list-group", id="jobs-interrupted")])
+
+
 def extractions(ctx) -> html.Div:
-    running = [e for e in ctx.repository.runs() if e.status == "running"]
+    """Extractions in progress with their progress; interrupted ones (manifest still `running`, nothing
+    committed for long) apart, with the command that resumes them."""
+    entries = ctx.repository.runs()
+    running = [e for e in entries if e.status == "running" and not e.interrupted]
+    stopped = _interrupted([e for e in entries if e.interrupted])
     if not running:
-        return empty_state("No extraction is running.", "Runs whose manifest says `running` show here with progress.")
+        return html.Div([empty_state("No extraction is running.",
+                                     "Runs whose manifest says `running` show here with progress."), stopped])
     rows = []
     for entry in running:
         progress = entry.progress or 0.0
@@ -48,7 +66,7 @@ def extractions(ctx) -> html.Div:
                       html.Span(f" updated {entry.updated[:19].replace('T', ' ')}", className="small text-muted")]),
             dbc.Progress(value=round(100 * progress), label=f"{progress:.0%} of rows committed", striped=True,
                          style={"height": "1.1rem"})], className="list-group-item"))
-    return html.Ul(rows, className="list-group")
+    return html.Div([html.Ul(rows, className="list-group", id="jobs-running"), stopped])
 
 
 def system_panel(ctx) -> html.Div:

@@ -8,6 +8,7 @@ from dash import Input, Output, State, dcc, html
 from neuronmap.errors import NeuronMapError
 
 from ..components import ANY, card, empty_state, header, href, labelled, options, picked, status_badge
+from ..runstate import prompts_unreadable
 
 PATH = "/launch"
 TITLE = "Launch"
@@ -36,6 +37,7 @@ def layout(ctx, query: dict) -> html.Div:
         html.Div(id="launch-help", className="small text-muted mb-2"),
         html.Fieldset([html.Legend("Layers", className="form-label small fw-semibold mb-1"),
                        dbc.Checklist(id="launch-layers", options=[], value=[], inline=True)], className="mb-2"),
+        html.Div(id="launch-run-note", className="small text-danger mb-2", role="status"),
         labelled("Label column", dbc.Select(id="launch-labels", options=options([], blank="(none)"), value=ANY), "launch-labels",
                  "used by clustering purity, t-SNE colouring, mutual information"),
         labelled("Parameters", dbc.Textarea(id="launch-params", placeholder="one key=value per line, e.g. k_max=6",
@@ -61,7 +63,8 @@ def job_rows(ctx) -> html.Div:
     items = []
     for job in jobs:
         done = job.status == "done"
-        bar = dbc.Progress(value=round(100 * job.progress), label=f"{job.done}/{job.total or '?'} tasks",
+        tasks = "reused" if done and job.reused else f"{job.done}/{job.total or '?'} tasks"
+        bar = dbc.Progress(value=round(100 * job.progress), label=tasks,
                            striped=job.status == "running", animated=job.status == "running",
                            color={"done": "success", "failed": "danger"}.get(job.status, "primary"),
                            className="mb-1", style={"height": "1.1rem"})
@@ -83,17 +86,30 @@ def parse_params_text(text: str | None) -> dict:
     return parse_params([line.strip() for line in (text or "").splitlines() if line.strip()])
 
 
+def run_choices(ctx, run_id: str | None) -> tuple[list, list, list, str]:
+    """(layer options, layers ticked, label column options, a note) for the run picked in the form.
+
+    A run whose prompts cannot be read still offers its layers (analyses without labels work); the note
+    says why it has no label columns. A run that cannot be opened offers nothing, and the note says why.
+    """
+    no_labels = options([], blank="(none)")
+    try:
+        run = ctx.repository.run(run_id)
+    except NeuronMapError as error:
+        return [], [], no_labels, f"run {run_id} cannot be opened: {' '.join(str(error).split())}"
+    layer_options = [{"label": name, "value": name} for name in run.layers]
+    try:
+        labels, note = ctx.repository.label_columns(run_id), ""
+    except NeuronMapError:
+        labels, note = [], f"No label column to offer: {prompts_unreadable(run_id)}."
+    return layer_options, run.layers[-1:], options(labels, blank="(none)"), note
+
+
 def register(app, ctx) -> None:
     @app.callback(Output("launch-layers", "options"), Output("launch-layers", "value"), Output("launch-labels", "options"),
-                  Input("launch-run", "value"))
-    def run_choices(run_id):
-        try:
-            run = ctx.repository.run(run_id)
-            labels = ctx.repository.label_columns(run_id)
-        except NeuronMapError:
-            return [], [], []
-        layer_options = [{"label": name, "value": name} for name in run.layers]
-        return layer_options, run.layers[-1:], options(labels, blank="(none)")
+                  Output("launch-run-note", "children"), Input("launch-run", "value"))
+    def choices(run_id):
+        return run_choices(ctx, run_id)
 
     @app.callback(Output("launch-help", "children"), Input("launch-analysis", "value"))
     def help_text(name):

@@ -30,7 +30,7 @@ def layout(ctx, query: dict) -> html.Div:
     if layerview.clusters(repo, run_id, layer) is not None:
         colour_choices.append("cluster")
     methods = [{"label": "PCA", "value": "pca"}]
-    if repo.newest(run_id, "tsne", layer) is not None:
+    if repo.newest(run_id, "tsne", layer, current=True) is not None:
         methods.append({"label": "t-SNE", "value": "tsne"})
     top = stats.sort_values("mean_abs", ascending=False, kind="stable").head(20) if "mean_abs" in stats else stats.head(20)
     pills = dbc.Nav([dbc.NavItem(dbc.NavLink(name, href=href("/layer", run=run_id, layer=name), active=name == layer))
@@ -54,11 +54,13 @@ def layout(ctx, query: dict) -> html.Div:
     ], className="g-2")
     heads = [dbc.Button("View attention heads", href=href("/attention", run=run_id, layer=layer), size="sm",
                         color="secondary", outline=True)] if info.kind == "pattern" and info.per_token else []
+    notes = [pattern_note(run_id, layer, info)] if info.kind == "pattern" else []
     return html.Div([
         header(f"{layer}", [dcc.Link(run_id, href=href("/run", run=run_id)),
                             f" · {info.kind} · shape {' x '.join(map(str, info.shape))} · {run.n_rows(layer):,} rows"],
                *heads),
         pills,
+        *notes,
         dcc.Store(id="layer-key", data={"run": run_id, "layer": layer}),
         dbc.Row([
             dbc.Col(card("Projection", scatter_controls, html.Div(id="scatter-source", className="small text-muted"),
@@ -80,6 +82,28 @@ def layout(ctx, query: dict) -> html.Div:
     ])
 
 
+def pattern_note(run_id: str, layer: str, info) -> dbc.Alert:
+    """What the "neurons" of an attention-pattern layer are: one attention weight per (head, key position).
+
+    The key axis is zero-padded to the run's longest prompt (and keys after a causal query are 0), so
+    the statistics below count those zeros; the Attention page cuts each prompt's pattern to its tokens.
+    """
+    heads, keys = (info.shape[0], info.shape[-1]) if len(info.shape) >= 2 else (None, None)
+    shape = f" ({heads} heads x {keys} key positions)" if heads else ""
+    return dbc.Alert([
+        f"This layer holds attention weights, not neuron activations: each \"neuron\" is one (head, key position) "
+        f"pair{shape}, neuron = head x {keys or 'keys'} + key. The key axis is zero-padded to the longest prompt, "
+        "so the statistics, distributions and projection below include those padding zeros. ",
+        dcc.Link("See the Attention page", href=href("/attention", run=run_id, layer=layer)),
+        " for each prompt's heads cut to its tokens.",
+    ], color="info", className="small py-2", id="pattern-note")
+
+
+def _failed(error: Exception) -> dict:
+    """An empty figure whose title says why (a run deleted or rewritten while its page is open)."""
+    return viz.metric_bars([], {}, title=f"cannot be shown: {error}")
+
+
 def register(app, ctx) -> None:
     repo = ctx.repository
 
@@ -87,21 +111,10 @@ def register(app, ctx) -> None:
                   Input("scatter-method", "value"), Input("scatter-colour", "value"), Input("scatter-dims", "value"),
                   State("layer-key", "data"))
     def scatter(method, colour_by, dims, key):
-        run_id, layer = key["run"], key["layer"]
-        proj = layerview.projection(repo, run_id, layer, method or "pca")
-        if proj is None:
-            return {}, "no projection: this layer has fewer than 2 features, or no t-SNE artifact"
-        dims = int(dims or 2)
-        if proj.coords.shape[1] < dims:
-            return {}, f"{proj.source} has {proj.coords.shape[1]} coordinates: no 3-D view"
-        values, title = layerview.colour(repo, run_id, layer, picked(colour_by), proj)
-        hover = layerview.texts(repo, run_id, proj.sample_ids)
-        kwargs = dict(color=values, color_title=title, hover=hover, ids=proj.rows, title=f"{method.upper()} · {layer}")
-        if method == "tsne":
-            fig = viz.tsne_scatter(proj.coords[:, :dims] if dims <= proj.coords.shape[1] else proj.coords, **kwargs)
-        else:
-            fig = viz.pca_scatter(proj.coords, proj.explained, dims=dims, **kwargs)
-        return fig, f"{proj.method.upper()} {proj.source}; {fig.layout.meta['n_shown']:,} points drawn"
+        try:
+            return draw_scatter(repo, key["run"], key["layer"], method or "pca", int(dims or 2), picked(colour_by))
+        except NeuronMapError as error:
+            return {}, error_state(str(error), title="This layer cannot be shown")
 
     @app.callback(Output("point-details", "children"), Input("layer-scatter", "clickData"), State("layer-key", "data"),
                   prevent_initial_call=True)
@@ -114,16 +127,18 @@ def register(app, ctx) -> None:
             row = row[0]
         try:
             values, sample_id = repo.row(key["run"], key["layer"], int(row))
+            token = token_of(repo, key["run"], key["layer"], int(row))
+            prompts = repo.prompts(key["run"])
         except (NeuronMapError, TypeError, ValueError) as error:
             return error_state(str(error), title="This point cannot be shown")
-        prompts = repo.prompts(key["run"])
         match = prompts[prompts["sample_id"] == sample_id]
         labels = {} if match.empty else {k: v for k, v in match.iloc[0].items() if k not in ("text", "sample_id")}
         text = "" if match.empty else str(match.iloc[0]["text"])
         top = np.argsort(-np.abs(values), kind="stable")[:10]
         return html.Div([
-            html.P([html.Strong(f"sample {sample_id}"), html.Span(f" · row {int(row)}", className="text-muted")],
-                   className="mb-1"),
+            html.P([html.Strong(f"sample {sample_id}"),
+                    html.Strong(f" · token {token}", id="point-token") if token is not None else None,
+                    html.Span(f" · row {int(row)}", className="text-muted")], className="mb-1"),
             html.Blockquote(text, className="prompt-text border-start ps-2", id="point-prompt"),
             html.Div([dbc.Badge(f"{k}: {v}", color="light", text_color="dark", className="me-1") for k, v in labels.items()],
                      className="mb-2"),
@@ -135,21 +150,61 @@ def register(app, ctx) -> None:
     @app.callback(Output("layer-distribution", "figure"), Input("dist-what", "value"), Input("dist-kind", "value"),
                   State("layer-key", "data"))
     def distribution(what, kind, key):
-        run_id, layer = key["run"], key["layer"]
-        if what in ("mean", "std"):
-            stats, _ = layerview.neuron_stats(repo, run_id, layer)
-            values = stats[what].to_numpy()
-            title = f"per-neuron {what} · {layer}"
-        else:
-            found = layerview.summary(repo, run_id, layer)
-            values = found.values
-            title = f"activation values · {layer} (sample of {found.n_sample:,} rows)"
-        return viz.layer_distributions({layer: values}, kind=kind or "histogram", title=title,
-                                       value_title="activation" if what == "values" else what)
+        try:
+            return draw_distribution(repo, key["run"], key["layer"], what, kind)
+        except NeuronMapError as error:
+            return _failed(error)
 
     @app.callback(Output("layer-heatmap", "figure"), Input("layer-key", "data"))
     def heatmap(key):
-        found = layerview.summary(repo, key["run"], key["layer"])
-        return viz.activation_heatmap(found.heat_x, neurons=found.top, row_labels=[f"#{int(s)}" for s in found.heat_ids],
-                                      max_rows=layerview.HEAT_ROWS,
-                                      title=f"{len(found.heat_x)} samples x top {len(found.top)} neurons by mean |x|")
+        try:
+            found = layerview.summary(repo, key["run"], key["layer"])
+            unit = "token rows" if repo.run(key["run"]).layer_info(key["layer"]).per_token else "samples"
+        except NeuronMapError as error:
+            return _failed(error)
+        return viz.activation_heatmap(found.heat_x, neurons=found.top,
+                                      row_labels=[f"#{int(s)}" for s in found.heat_ids], max_rows=layerview.HEAT_ROWS,
+                                      title=f"{len(found.heat_x)} {unit} x top {len(found.top)} neurons by mean |x|")
+
+
+def token_of(repo, run_id: str, layer: str, row: int) -> int | None:
+    """The token position (`token_index`) of a per-token layer's row; None for a per-prompt layer."""
+    run = repo.run(run_id)
+    if not run.layer_info(layer).per_token:
+        return None
+    return int(run.token_index(layer, rows=(row, row + 1))[0])
+
+
+def draw_scatter(repo, run_id: str, layer: str, method: str, dims: int, colour_by):
+    """(figure, caption) of the layer's projection; an empty figure and the reason when there is none."""
+    proj = layerview.projection(repo, run_id, layer, method, dims)
+    if proj is None:
+        return {}, "no projection: this layer has fewer than 2 features, or no current t-SNE artifact"
+    have = proj.coords.shape[1]
+    if have < dims:
+        if method == "tsne":
+            return {}, (f"No {dims}-D view: the t-SNE {proj.source} has {have} dimensions; run tsne with "
+                        f"--param n_components={dims} for one.")
+        return {}, (f"No {dims}-D view: {len(proj.rows):,} rows give only {have} principal coordinates "
+                    f"(PCA {proj.source}).")
+    values, title = layerview.colour(repo, run_id, layer, colour_by, proj)
+    hover = layerview.texts(repo, run_id, proj.sample_ids)
+    kwargs = dict(color=values, color_title=title, hover=hover, ids=proj.rows, title=f"{method.upper()} · {layer}")
+    if method == "tsne":
+        fig = viz.tsne_scatter(proj.coords[:, :dims], **kwargs)
+    else:
+        fig = viz.pca_scatter(proj.coords, proj.explained, dims=dims, **kwargs)
+    return fig, f"{proj.method.upper()} {proj.source}; {fig.layout.meta['n_shown']:,} points drawn"
+
+
+def draw_distribution(repo, run_id: str, layer: str, what: str, kind: str):
+    if what in ("mean", "std"):
+        stats, _ = layerview.neuron_stats(repo, run_id, layer)
+        values = stats[what].to_numpy()
+        title = f"per-neuron {what} · {layer}"
+    else:
+        found = layerview.summary(repo, run_id, layer)
+        values = found.values
+        title = f"activation values · {layer} (sample of {found.n_sample:,} rows)"
+    return viz.layer_distributions({layer: values}, kind=kind or "histogram", title=title,
+                                   value_title="activation" if what == "values" else what)

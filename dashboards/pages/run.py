@@ -8,6 +8,8 @@ import dash_bootstrap_components as dbc
 import pandas as pd
 from dash import Input, Output, State, dash_table, dcc, html
 
+from .. import runstate
+from ..artifacts import damaged_in
 from ..components import ANY, card, empty_state, error_state, header, href, kv_table, labelled, options, picked, status_badge
 
 PATH = "/run"
@@ -33,12 +35,25 @@ def _layers_table(run, run_id: str) -> dbc.Table:
 
 def _artifacts_list(ctx, run_id: str):
     artifacts = ctx.repository.artifacts(run_id)
-    if not artifacts:
+    damaged = damaged_in(ctx.repository, run_id)
+    if not artifacts and not damaged:
         return empty_state("No analyses yet.", dcc.Link("Launch one", href=href("/launch", run=run_id)))
     items = [html.Li([dcc.Link(a.analysis, href=href("/artifact", run=run_id, id=a.id)),
-                      html.Span(f" {a.id} · {', '.join(a.result.get('layers', [])[:4])}", className="small text-muted")])
+                      html.Span(f" {a.id} · {', '.join(a.result.get('layers', [])[:4])}", className="small text-muted"),
+                      _stale_badge(ctx, run_id, a)])
              for a in artifacts]
+    items += [html.Li([html.Span(artifact_id), " ", status_badge("damaged"),
+                       html.Div(reason, className="small text-danger text-break")], className="damaged-artifact")
+              for artifact_id, reason in damaged]
     return html.Ul(items, className="mb-0")
+
+
+def _stale_badge(ctx, run_id: str, artifact):
+    """A badge on an artifact computed on an earlier state of the run (before it gained or changed shards)."""
+    if ctx.repository.current(run_id, artifact) is not False:
+        return None
+    return dbc.Badge("earlier state of the run", color="warning", text_color="dark", className="ms-1 stale-artifact",
+                     title="computed before the run gained or changed shards: re-run the analysis for current numbers")
 
 
 def layout(ctx, query: dict) -> html.Div:
@@ -56,14 +71,20 @@ def layout(ctx, query: dict) -> html.Div:
     if m.status == "failed":
         alerts.append(dbc.Alert(f"This run failed: {m.error}. Re-run the same extract command to resume it.",
                                 color="danger"))
+    elif m.status == "running" and runstate.is_interrupted(run.path, m):
+        alerts.append(dbc.Alert([html.Div(runstate.interrupted_message(run.path, m, runstate.progress(m)) + ":"),
+                                 html.Code(runstate.resume_command(run.path, m), className="d-block mt-1 text-break"),
+                                 html.Div("Meanwhile pages show its committed shards.", className="small mt-1")],
+                                color="warning", id="run-interrupted"))
     elif m.status == "running":
         alerts.append(dbc.Alert("This run is still being extracted: pages show its committed shards.",
                                 color="warning"))
     try:
         columns = ctx.repository.label_columns(run_id)
         prompts_error = None
-    except Exception as error:  # unreadable prompts.parquet: the rest of the page still works
-        columns, prompts_error = [], str(error)
+    except Exception:  # unreadable prompts.parquet: the rest of the page still works
+        reason = runstate.prompts_unreadable(run_id)
+        columns, prompts_error = [], reason[0].upper() + reason[1:]
     browser = error_state(prompts_error, title="Prompts cannot be read") if prompts_error else html.Div([
         dbc.Row([
             dbc.Col(labelled("Search prompts", dbc.Input(id="prompt-search", type="search", debounce=True,
@@ -71,7 +92,8 @@ def layout(ctx, query: dict) -> html.Div:
             dbc.Col(labelled("Label column", dbc.Select(id="prompt-label-column", value=ANY,
                                                         options=options(columns, blank="(no filter)")),
                              "prompt-label-column"), md=3),
-            dbc.Col(labelled("Label value", dbc.Input(id="prompt-label-value", debounce=True, placeholder="exact value"),
+            dbc.Col(labelled("Label value", dbc.Input(id="prompt-label-value", debounce=True,
+                                                      placeholder="value (any case)"),
                              "prompt-label-value"), md=3),
         ], className="g-2"),
         html.Div(id="prompt-count", className="small text-muted mb-1"),
@@ -104,13 +126,31 @@ def layout(ctx, query: dict) -> html.Div:
     ])
 
 
+TRUE_WORDS, FALSE_WORDS = {"true", "yes", "1"}, {"false", "no", "0"}
+
+
+def label_matches(values: pd.Series, value: str) -> pd.Series:
+    """Which `values` equal the typed `value`: booleans from true/false/yes/no/1/0, numbers by value
+    (``1`` finds 1.0), text ignoring case and surrounding spaces."""
+    typed = str(value).strip().lower()
+    if pd.api.types.is_bool_dtype(values):
+        if typed in TRUE_WORDS | FALSE_WORDS:
+            return values == (typed in TRUE_WORDS)
+    elif pd.api.types.is_numeric_dtype(values):
+        try:
+            return values == float(typed)
+        except ValueError:
+            pass
+    return values.astype(str).str.strip().str.lower() == typed
+
+
 def filter_prompts(prompts: pd.DataFrame, search: str | None, column: str | None, value: str | None) -> pd.DataFrame:
-    """Rows whose text contains every word of `search` (case-insensitive) and whose `column` equals `value`."""
+    """Rows whose text contains every word of `search` and whose `column` equals `value` (both ignoring case)."""
     mask = pd.Series(True, index=prompts.index)
     for word in (search or "").lower().split():
         mask &= prompts["text"].astype(str).str.lower().str.contains(word, regex=False)
     if column and column in prompts.columns and value not in (None, ""):
-        mask &= prompts[column].astype(str) == str(value)
+        mask &= label_matches(prompts[column], value)
     return prompts[mask]
 
 

@@ -15,7 +15,7 @@ IN_NAV = True
 def layout(ctx, query: dict) -> html.Div:
     entries = ctx.repository.runs(fresh=True)
     models = sorted({e.model for e in entries if e.model})
-    statuses = sorted({e.status for e in entries})
+    statuses = sorted({e.state for e in entries})
     controls = dbc.Row([
         dbc.Col(labelled("Search runs", dbc.Input(id="runs-search", type="search", placeholder="run id or model",
                                                   debounce=True), "runs-search"), md=6),
@@ -31,9 +31,13 @@ def layout(ctx, query: dict) -> html.Div:
 def _row(entry) -> html.Tr:
     link = dcc.Link(entry.id, href=href("/run", run=entry.id), className="run-link") if entry.ok or \
         entry.status == "failed" else html.Span(entry.id)
-    status = [status_badge(entry.status)]
+    status = [status_badge(entry.state)]
     if entry.progress is not None:
         status.append(html.Span(f" {entry.progress:.0%}", className="small text-muted"))
+    if entry.interrupted:
+        status.append(html.Div([entry.interruption, ":",
+                                html.Code(entry.resume_command, className="d-block text-break")],
+                               className="small text-warning-emphasis run-interrupted"))
     if entry.error:
         status.append(html.Div(entry.error, className="small text-danger text-break"))
     layers = f"{len(entry.layers)}: {', '.join(entry.layers[:3])}{', ...' if len(entry.layers) > 3 else ''}"
@@ -54,7 +58,7 @@ def register(app, ctx) -> None:
                                 " or point --runs-dir at the folder holding your runs."])
         needle, status, model = (search or "").strip().lower(), picked(status), picked(model)
         shown = [e for e in entries if (not needle or needle in e.id.lower() or needle in e.model.lower())
-                 and (not status or e.status == status) and (not model or e.model == model)]
+                 and (not status or e.state == status) and (not model or e.model == model)]
         if not shown:
             return empty_state("No run matches these filters.")
         head = html.Thead(html.Tr([html.Th(c, scope="col") for c in

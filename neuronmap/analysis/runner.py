@@ -275,6 +275,51 @@ def _shard_hashes(run: Run, units: dict[str, Any]) -> list[str]:
     return sorted(hashes)
 
 
+def is_current(run: Run, artifact: Artifact) -> bool | None:
+    """Whether `artifact` was computed on exactly the shards `run` holds now (None: cannot tell).
+
+    Readers that show an artifact's numbers as the layer's exact values need this: a run that was
+    still running (or was resumed) when the analysis ran has gained shards since, and the artifact
+    describes only its earlier rows. The artifact's id is recomputed (`artifact_id`) from what it
+    records in params.json (analysis, version, params, layers, labels) and the shards `analyze`
+    would read now (`build_units` + `_shard_hashes`); it is current when the ids agree. For a
+    cross-run analysis (cka's ``other_run``) only this run's shards are checked. False also for
+    an artifact naming a layer the run no longer holds; None for one that is not a registered
+    analysis of the run's shards (a plugin that is not installed, a model intervention).
+    """
+    import json
+
+    from ..errors import NeuronMapError
+    from .artifacts import PARAMS_NAME
+
+    try:
+        doc = json.loads((artifact.path / PARAMS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = {}
+    result = artifact.result
+    try:
+        spec = get_analysis(doc.get("analysis", artifact.analysis))
+    except NeuronMapError:
+        return None
+    if spec.scope not in UNIT_COLUMN:
+        return None
+    try:
+        stored = doc.get("params", result.get("params") or {})
+        layers = list(doc.get("layers", result.get("layers") or []))
+        labels = doc.get("labels", result.get("labels"))
+        if any(layer not in run.layers for layer in layers):
+            return False
+        # The params were validated when the artifact was made; constructing them again without
+        # validation keeps a relative other_run path or a since-moved run from failing the check.
+        model = spec.params.model_construct(**{k: v for k, v in stored.items() if k in spec.params.model_fields})
+        units = build_units(run, spec, layers, labels, 4096, model)
+        the_id = artifact_id(spec.name, doc.get("version", spec.version), stored, layers, labels,
+                             _shard_hashes(run, units))
+    except (NeuronMapError, KeyError, TypeError, ValueError):
+        return False
+    return the_id == artifact.id
+
+
 # ---------------------------------------------------------------------------------------------
 # analyze
 # ---------------------------------------------------------------------------------------------
