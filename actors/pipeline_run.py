@@ -76,7 +76,8 @@ def run_pipeline_run(
     """
     import torch
 
-    from neuronmap.extraction import RunPlan, default_out, new_manifest, preparation_progress, tokenize_batches
+    from neuronmap.extraction import (RunPlan, default_out, new_manifest, preparation_progress, tokenize_batches,
+                                      tokenize_threads)
     from neuronmap.prompt_table import stage_prompts, staging_folder
 
     from .pipeline import PipelineExtractor, PipelineOptions
@@ -108,7 +109,7 @@ def run_pipeline_run(
             staged = stage_prompts(prompts, staging, text_column=text_column, on_rows=task("read prompts"))
             extractor.layout()  # bad stages/layers/family: ConfigError before Ray starts
             tokens = tokenize_batches(tokenizer, staged.text_batches(), max_length, spill=staging / "token-ids.int32",
-                                      on_batch=task("tokenize", staged.n_samples))
+                                      on_batch=task("tokenize", staged.n_samples), threads=tokenize_threads())
         with ray_session(address, num_cpus=stages * cpus), ray_options.quiet_logs():
             _check_gpus(gpus)
             with extractor:

@@ -14,10 +14,14 @@ manifest; re-running the same command skips committed shards (resume).
 
 from __future__ import annotations
 
+import collections
 import collections.abc
+import concurrent.futures
 import contextlib
+import copy
 import itertools
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -188,15 +192,22 @@ def shard_ids(ids: Sequence[Sequence[int]], start: int, stop: int) -> Sequence[S
 
 
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str], max_length: int,
-                     on_batch: Callable[[int], None] | None = None) -> TokenizedPrompts:
+                     on_batch: Callable[[int], None] | None = None, threads: int = 1) -> TokenizedPrompts:
     """Tokenise `texts` in memory (`PackedIds`); see `tokenize_batches`."""
     step = 1024
     return tokenize_batches(tokenizer, (list(texts[start : start + step]) for start in range(0, len(texts), step)),
-                            max_length, on_batch=on_batch)
+                            max_length, on_batch=on_batch, threads=threads)
+
+
+def tokenize_threads() -> int:
+    """Threads for tokenising a whole prompt set: the CPU threads torch was given here (Ray sets them to
+    a task's CPUs), at most 8, beyond which the reading of prompts is the limit."""
+    return max(1, min(8, torch.get_num_threads()))
 
 
 def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_length: int,
-                     spill: Path | None = None, on_batch: Callable[[int], None] | None = None) -> TokenizedPrompts:
+                     spill: Path | None = None, on_batch: Callable[[int], None] | None = None,
+                     threads: int = 1) -> TokenizedPrompts:
     """Tokenise once, without padding; count the prompts that `max_length` cut short.
 
     Only prompts that reach `max_length` are re-tokenised without truncation to tell whether they
@@ -205,27 +216,40 @@ def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_lengt
     packed ids go to that file (`SpilledIds`) and memory holds only the lengths. `on_batch(n)` is
     called after each batch of n prompts (a progress bar). The ids are the tokenizer's own, read
     with less Python per prompt where it is a fast one (`token_ids.ids_encoder`).
+
+    `threads` > 1 encodes batches on that many threads (a fast tokenizer releases the GIL while it
+    encodes: 2 threads tokenise 100,000 prompts in about half the time on 2 CPUs), at most 2 batches
+    per thread ahead of the one being packed, so memory stays bounded; results keep their order.
     """
-    from .token_ids import ids_encoder
+    from .token_ids import can_share_across_threads, ids_encoder
 
     encode = ids_encoder(tokenizer, max_length)
+    if threads > 1 and not can_share_across_threads(tokenizer):
+        threads = 1
+    untruncated = _Untruncated(tokenizer, max_length, encode if threads == 1 else None)
+
+    def one(chunk: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray, int]:
+        chunk = list(chunk)
+        encoded = encode(chunk, True)
+        at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
+        cut = 0
+        if at_limit:
+            full = untruncated([chunk[i] for i in at_limit])
+            cut = sum(len(seq) > max_length for seq in full)
+        sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
+        packed = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum()))
+        return len(chunk), sizes, packed, cut
+
     flat: list[np.ndarray] = []
     lengths_parts: list[np.ndarray] = []
     n_truncated = 0
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(open(spill, "wb")) if spill is not None else None
-        for chunk in batches:
-            chunk = list(chunk)
-            encoded = encode(chunk, True)
-            at_limit = [i for i, seq in enumerate(encoded) if len(seq) >= max_length]
-            if at_limit:
-                full = encode([chunk[i] for i in at_limit], False)
-                n_truncated += sum(len(seq) > max_length for seq in full)
+        for n_chunk, sizes, packed, cut in _ordered_map(one, batches, threads):
+            n_truncated += cut
             if on_batch is not None:
-                on_batch(len(chunk))
-            sizes = np.fromiter((len(seq) for seq in encoded), dtype=np.int64, count=len(encoded))
+                on_batch(n_chunk)
             lengths_parts.append(sizes)
-            packed = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(sizes.sum()))
             if sink is not None:
                 sink.write(packed.data)  # not tofile: its error on a full disk carries no errno
             else:
@@ -238,6 +262,54 @@ def tokenize_batches(tokenizer: Any, batches: Iterable[Sequence[str]], max_lengt
         return TokenizedPrompts(SpilledIds(spill, lengths), lengths, n_truncated, max_length)
     ids = PackedIds(np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32), lengths)
     return TokenizedPrompts(ids, lengths, n_truncated, max_length)
+
+
+class _Untruncated:
+    """Encodes without truncation, to tell which prompts at `max_length` were really cut.
+
+    Serially the one encoder switches truncation off and on again. With threads it must not: a fast
+    tokenizer's truncation is state of its backend, shared by every thread, so the untruncated
+    encodes go to a copy of the tokenizer, made the first time a prompt reaches the limit.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, serial: Callable | None) -> None:
+        self._tokenizer, self._max_length, self._encode = tokenizer, max_length, serial
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> list:
+        if self._encode is None:
+            with self._lock:
+                if self._encode is None:
+                    from .token_ids import ids_encoder
+
+                    self._encode = ids_encoder(copy.deepcopy(self._tokenizer), self._max_length)
+        return self._encode(texts, False)
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """`map(fn, items)` on `threads` threads, in order, with at most 2 x threads items in flight.
+
+    The first item runs on the calling thread before any other starts (the encoder checks its fast
+    path on its first call: one thread decides it).
+    """
+    iterator = iter(items)
+    for first in iterator:
+        yield fn(first)
+        break
+    if threads <= 1:
+        yield from map(fn, iterator)
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="neuronmap-tokenize")
+    pending: collections.deque = collections.deque()
+    try:
+        for item in iterator:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -516,13 +588,14 @@ def plan_run(
         spill = Path(path).parent / "token-ids.int32" if path is not None else None
         try:
             tokens = tokenize_batches(loaded.tokenizer, texts.text_batches(), max_length, spill=spill,
-                                      on_batch=on_tokenized)
+                                      on_batch=on_tokenized, threads=tokenize_threads())
         except OSError as error:  # a full disk while spilling: one line, as for shards
             from .store.manifest import storage_error
 
             raise storage_error(error, spill) from None
     else:
-        tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length, on_batch=on_tokenized)
+        tokens = tokenize_prompts(loaded.tokenizer, list(texts), max_length, on_batch=on_tokenized,
+                                  threads=tokenize_threads())
     plan = plan_extraction(loaded, layers, pooling, STORAGE_DTYPES[dtype], tokens, samples_per_shard)
     run_plan = RunPlan(
         model=str(loaded.name), config_hash=loaded.config_hash, tokenizer=loaded.tokenizer.name_or_path,

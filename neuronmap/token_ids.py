@@ -52,6 +52,13 @@ def ids_encoder(tokenizer: Any, max_length: int) -> Encoder:
     return encode
 
 
+def can_share_across_threads(tokenizer: Any) -> bool:
+    """Whether threads gain from encoding with `tokenizer` at once: a fast tokenizer whose backend
+    `ids_encoder` reads directly (it encodes with the GIL released, and its settings change only when
+    truncation is switched, which `extraction.tokenize_batches` never does across threads)."""
+    return _backend_encoder(tokenizer, 2) is not None
+
+
 def _backend_encoder(tokenizer: Any, max_length: int) -> Encoder | None:
     try:
         from tokenizers import Tokenizer

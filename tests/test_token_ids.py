@@ -42,6 +42,50 @@ def test_ids_and_truncation_counts_equal_the_tokenizers(family, max_length, tiny
     assert backend(TEXTS, True) == expected[: len(TEXTS)] and backend(TEXTS, False) == full[: len(TEXTS)]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_ids_counts_and_order(family, threads, tiny_model_dir, tmp_path):
+    """Batches encoded on threads (truncation off on a copy of the tokenizer, never on the shared one)
+    give, in order, what one plain call per prompt gives; in memory and spilled to a file."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir(family))
+    texts = [f"{text} {i}" for i in range(60) for text in TEXTS]  # every prompt distinct: order shows
+    batches = [texts[i : i + 13] for i in range(0, len(texts), 13)]  # many batches, several per thread
+    expected = reference_ids(tokenizer, texts, 8)
+    full = reference_ids(tokenizer, texts, 8, truncate=False)
+    reported = []
+    tokens = extraction.tokenize_batches(tokenizer, iter(batches), 8, threads=threads, on_batch=reported.append)
+    spilled = extraction.tokenize_batches(tokenizer, iter(batches), 8, spill=tmp_path / "ids", threads=threads)
+    for result in (tokens, spilled):
+        assert [list(seq) for seq in result.ids] == expected
+        assert result.n_truncated == sum(len(seq) > 8 for seq in full) > 0
+    assert reported == [len(batch) for batch in batches]
+    # the shared tokenizer was left truncating as the call sets it: the untruncated passes used a copy
+    assert reference_ids(tokenizer, texts[:20], 8) == expected[:20]
+
+
+def test_a_failing_batch_on_a_thread_raises_and_stops(tiny_model_dir, monkeypatch):
+    """An error in one batch reaches the caller; no thread keeps encoding after it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
+    seen = []
+
+    def batches():
+        for i in range(100):
+            seen.append(i)
+            yield ["boom"] if i == 5 else TEXTS
+
+    original = token_ids.ids_encoder
+
+    def failing(tok, max_length):
+        encode = original(tok, max_length)
+        return lambda texts, truncate: (_ for _ in ()).throw(RuntimeError("bad batch")) if texts == ["boom"] \
+            else encode(texts, truncate)
+
+    monkeypatch.setattr(token_ids, "ids_encoder", failing)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        extraction.tokenize_batches(tokenizer, batches(), 512, threads=2)
+    assert len(seen) <= 5 + 2 * 2 + 1  # read ahead at most 2 batches per thread past the failing one
+
+
 def test_the_packaged_minilm_tokenizer_gives_its_own_ids():
     from neuronmap.models import load_model
 
