@@ -21,6 +21,12 @@ _ENCODING_METHODS = ("__call__", "_call_one", "_encode_plus", "_batch_encode_plu
 _CHECKED_PROMPTS = 64
 
 
+def readable_token(token: Any) -> str:
+    """A tokenizer piece as text for people: byte-level BPE's ``Ġ`` and SentencePiece's ``▁`` become
+    spaces, ``Ċ`` a visible ``\\n``. For display only: stored artifacts keep the tokenizer's pieces."""
+    return str(token).replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
+
+
 def ids_encoder(tokenizer: Any, max_length: int) -> Encoder:
     """A function `encode(texts, truncate)` -> list of id lists, equal to
     `tokenizer(texts, truncation=truncate, max_length=max_length, padding=False)["input_ids"]`."""

@@ -24,6 +24,7 @@ import torch
 from ..capture import Capture
 from ..errors import ConfigError
 from ..interventions._common import check_stack, tokenize
+from ..token_ids import readable_token
 from .targets import Target, parse_target, score
 
 GRADIENT_METHODS = ("saliency", "grad-x-input", "ig", "layer-ig", "gradcam")
@@ -57,7 +58,7 @@ class AttributionResult:
         top = int(np.argmax(np.abs(self.scores))) if len(self.scores) else 0
         return {"method": self.method, "target": self.target, "target_description": self.target_description,
                 "target_value": self.target_value, "baseline_value": self.baseline_value, "delta": self.delta,
-                "layer": self.layer, "n_tokens": len(self.tokens), "top_token": self.tokens[top] if self.tokens else None,
+                "layer": self.layer, "n_tokens": len(self.tokens), "top_token": readable_token(self.tokens[top]) if self.tokens else None,
                 "top_position": top, "top_score": float(self.scores[top]) if len(self.scores) else None,
                 "sum_scores": float(self.scores.sum())}
 

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..interventions._common import token_id
+from ..token_ids import readable_token
 
 KINDS = ("next-token", "token", "logit-diff", "class", "neuron")
 
@@ -35,7 +36,7 @@ class Target:
     unit: int | None = None
 
     def describe(self, tokenizer: Any) -> str:
-        names = [tokenizer.convert_ids_to_tokens(t) for t in self.tokens]
+        names = [readable_token(tokenizer.convert_ids_to_tokens(t)) for t in self.tokens]
         if self.kind in ("next-token", "token"):
             return f"logit of {names[0]!r}"
         if self.kind == "logit-diff":

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.adapter import select_first, select_hidden_input
+from ..token_ids import readable_token
 
 Progress = Callable[[int, int], None]
 
@@ -93,11 +94,6 @@ def check_run_model(opened: Any, loaded: Any, fix: str) -> None:
 def device_of(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def readable_token(token: str) -> str:
-    """A tokenizer piece as text for messages: byte-level BPE's ``Ġ`` and SentencePiece's ``▁`` become spaces."""
-    return str(token).replace("Ġ", " ").replace("▁", " ")
 
 
 def check_batch_size(batch_size: Any) -> int:

@@ -7,9 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-
-def _readable(token: str) -> str:
-    return str(token).replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
+from ..token_ids import readable_token
 
 
 def token_attribution_figure(tokens: Sequence[str], scores: Mapping[str, np.ndarray], title: str = "") -> go.Figure:
@@ -22,7 +20,7 @@ def token_attribution_figure(tokens: Sequence[str], scores: Mapping[str, np.ndar
     raw = np.array([np.asarray(scores[m], dtype=float) for m in methods]).reshape(len(methods), len(tokens))
     scale = np.abs(raw).max(axis=1, keepdims=True)
     shown = np.divide(raw, scale, out=np.zeros_like(raw), where=scale > 0)
-    labels = [f"{i} {_readable(t)!r}" for i, t in enumerate(tokens)]
+    labels = [f"{i} {readable_token(t)!r}" for i, t in enumerate(tokens)]
     figure = go.Figure(go.Heatmap(
         z=shown, x=labels, y=methods, customdata=raw, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
         colorbar={"title": "score / row max"},

@@ -15,14 +15,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..token_ids import readable_token
 from ._common import PALETTE
 
 MAX_NEURONS = 6
 GREY = "#9e9e9e"
-
-
-def _readable(token: Any) -> str:
-    return str(token).replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -132,7 +129,7 @@ def top_activations_figure(table: pd.DataFrame, max_neurons: int = MAX_NEURONS, 
     for row, ((layer, neuron), group) in enumerate(shown, start=1):
         group = group.sort_values("rank")
         if "context" in group.columns:
-            labels = [f"{r}. {_readable(t)!r} (#{s})" for r, t, s in zip(group["rank"], group["token"], group["sample_id"])]
+            labels = [f"{r}. {readable_token(t)!r} (#{s})" for r, t, s in zip(group["rank"], group["token"], group["sample_id"])]
             hover = [_short(c, 200) for c in group["context"]]
         else:
             labels = [f"{r}. #{s} {_short(t, 40)}" for r, s, t in zip(group["rank"], group["sample_id"], group["text"])]
@@ -173,7 +170,7 @@ def maximisation_figure(history: Sequence[float], nearest: Sequence[Sequence[Map
                                      line=dict(color=colour, dash=dash),
                                      hovertemplate=f"{name}: {value:.4g}<extra></extra>"), row=1, col=1)
     positions = list(range(len(nearest)))
-    cells = [[", ".join(f"{_readable(t['token'])!r} {t['cosine']:.2f}" for t in row) for row in nearest]]
+    cells = [[", ".join(f"{readable_token(t['token'])!r} {t['cosine']:.2f}" for t in row) for row in nearest]]
     fig.add_trace(go.Table(header=dict(values=["position", "tokens (cosine)"], align="left"),
                            cells=dict(values=[positions, *cells], align="left"), columnwidth=[0.2, 1.0]), row=1, col=2)
     fig.update_xaxes(title_text="step", row=1, col=1)
@@ -193,7 +190,7 @@ def concept_figure(artifact: Any) -> go.Figure:
         get = lambda name: arrays[f"model/{name}"]  # noqa: E731
         return tcav_figure(result["layers"], result["concepts"], get("tcav"), get("tcav_std"), get("random_mean"),
                            get("random_std"), get("significant"), get("p_values"),
-                           title=f"TCAV of {_readable(result.get('target_description', result.get('target')))} "
+                           title=f"TCAV of {readable_token(result.get('target_description', result.get('target')))} "
                                  f"({result.get('n_inputs')} inputs; * significant after Bonferroni)")
     if method == "maximize":
         return maximisation_figure(arrays["model/history"], result["nearest"], result.get("hard_activation"),

@@ -14,16 +14,12 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..token_ids import readable_token
 from ._common import PALETTE
 from .heatmaps import matrix_heatmap
 
 UNIT = "model"
 MAX_BARS = 40
-
-
-def readable_token(token: str) -> str:
-    """A tokenizer piece as text: byte-level BPE's ``Ġ`` and SentencePiece's ``▁`` become spaces."""
-    return str(token).replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\\n")
 
 
 def _position_labels(tokens: Sequence[str], marked: tuple[int, int] | None = None) -> list[str]:

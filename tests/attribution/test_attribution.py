@@ -203,3 +203,14 @@ def test_cli_out_inside_a_regular_file_names_that_file(tiny_model_dir, tmp_path,
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"{blocker} is a file, not a folder" in err and "choose another output path" in err, err
     assert blocker.read_text() == "not a folder\n"
+
+
+def test_summary_and_target_show_readable_tokens(gpt2):
+    """Byte-level BPE pieces (`Ġthe`) are shown as text (` the`); the stored tokens stay the tokenizer's."""
+    tokenizer = gpt2.tokenizer
+    the = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(tokenizer(" the")["input_ids"][0])])
+    result = TokenAttribution(gpt2).attribute(TEXT, target=f"token:{the}", method="saliency")
+    piece = tokenizer.convert_ids_to_tokens(tokenizer(" the")["input_ids"][0])
+    assert piece.startswith("Ġ")  # the premise: a piece with the byte-level space marker
+    assert result.target_description == f"logit of {piece.replace('Ġ', ' ')!r}"
+    assert "Ġ" not in result.summary()["top_token"] and any("Ġ" in t for t in result.tokens)
