@@ -17,6 +17,8 @@
 #   4. pooling.py: mean pooling of 22 bfloat16 layers as extraction does it against the elementwise form.
 #   5. d2h_copy.py: a 128 MB shard copied to the host as extraction does (`.cpu()`) against reused
 #      pageable and pinned buffers: whether pinned shard buffers are worth building.
+#   6. tokenize_threads.py: tokenising 100,000 prompts on tokenize_threads() threads against one
+#      (what the machine's 16 CPUs give the step every extraction runs before its first forward).
 # Each step writes its own JSON, so a step that fails or runs out of time loses only itself.
 # GPU_SESSION_QUICK=1 runs the same steps small on the CPU (a smoke run of this script).
 set -uo pipefail
@@ -39,11 +41,13 @@ if [ "${GPU_SESSION_QUICK:-0}" = 1 ]; then
     gpu_args=(--device cpu --quick)
     d2h_args=(--device cpu --mb 16)
     pool_args=(--device cpu --layers 4 --repeats 3)
+    tok_args=(--prompts 5000 --repeats 2)
 else
     store_args=(--layers 12 --rows 100000 --shards 4)
     gpu_args=()
     d2h_args=()
     pool_args=(--device cuda --dtype bfloat16)
+    tok_args=()
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 fi
 
@@ -65,4 +69,5 @@ step llama "$PY" benchmarks/gpu_extraction.py "${gpu_args[@]}" --skip per-token 
     --workdir /tmp/gpu-session-extract --out "$OUT/llama.json"
 step pooling "$PY" benchmarks/pooling.py "${pool_args[@]}" --out "$OUT/pooling.json"
 step d2h "$PY" benchmarks/d2h_copy.py "${d2h_args[@]}" --out "$OUT/d2h.json"
+step tokenize "$PY" benchmarks/tokenize_threads.py "${tok_args[@]}" --out "$OUT/tokenize.json"
 rm -rf /tmp/gpu-session-store /tmp/gpu-session-extract
