@@ -5,7 +5,8 @@
   candidate k at once (one pass over the data per epoch).
 - `KneeDBSCAN`: DBSCAN whose eps, when not given, is the knee of the sorted k-distance curve.
 - `hierarchical_clustering`: scipy linkage matrix, dendrogram coordinates and a flat cut.
-- `cluster_scores` (silhouette, Calinski-Harabasz, Davies-Bouldin) and `cluster_purity`.
+- `cluster_scores` (silhouette, Calinski-Harabasz, Davies-Bouldin) and `cluster_purity` (both leave
+  DBSCAN noise rows out).
 
 The knee (a kneedle-style rule, Satopää et al. 2011, without smoothing): sort each point's distance
 to its (min_samples - 1)-th neighbour, scale both axes of that curve to [0, 1] and take the point
@@ -55,9 +56,11 @@ def cluster_scores(x: np.ndarray, labels: np.ndarray, sample_size: int | None = 
 
 
 def cluster_purity(predicted: Any, truth: Any) -> float:
-    """Purity: each cluster votes for its most frequent true label; fraction of rows that agree.
+    """Purity: each cluster votes for its most frequent true label; fraction of clustered rows that agree.
 
-    Noise rows (predicted -1) count as their own clusters of one (they agree with themselves).
+    Noise rows (predicted -1) are left out, as `cluster_scores` leaves them out: counting each as a
+    cluster of one that agrees with itself made a clustering that is all noise perfectly pure. NaN when
+    every row is noise (purity is undefined; read it with the noise fraction).
     """
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.shape != truth.shape or predicted.ndim != 1:
@@ -65,10 +68,31 @@ def cluster_purity(predicted: Any, truth: Any) -> float:
     if predicted.size == 0:
         raise ConfigError("cluster purity needs at least one row")
     _, truth_codes = np.unique(truth, return_inverse=True)
-    agree = int(np.sum(predicted == -1))
-    for cluster in np.unique(predicted[predicted != -1]):
+    clustered = predicted != -1
+    if not clustered.any():
+        return float("nan")
+    agree = 0
+    for cluster in np.unique(predicted[clustered]):
         agree += int(np.bincount(truth_codes[predicted == cluster]).max())
-    return agree / predicted.size
+    return agree / int(clustered.sum())
+
+
+def squared_distance_to_centres(x: np.ndarray, centres: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Squared Euclidean distance of every row of x to its nearest centre, shape (n_samples,), in float64.
+
+    Summed, it is the k-means inertia of x under `centres` (the nearest-centre assignment, which is what
+    `predict` gives). Computed in chunks of `chunk` rows so memory stays (chunk, n_centres).
+    """
+    centres = np.asarray(centres, dtype=np.float64)
+    x = np.asarray(x)
+    x = x.reshape(len(x), -1)
+    out = np.empty(len(x), dtype=np.float64)
+    centre_norms = np.einsum("ij,ij->i", centres, centres)
+    for start in range(0, len(x), chunk):
+        block = x[start:start + chunk].astype(np.float64)
+        d2 = np.einsum("ij,ij->i", block, block)[:, None] - 2.0 * block @ centres.T + centre_norms[None, :]
+        out[start:start + chunk] = np.maximum(d2.min(axis=1), 0.0)
+    return out
 
 
 class AutoKMeans(ClusterMixin, BaseEstimator):
@@ -93,6 +117,9 @@ class AutoKMeans(ClusterMixin, BaseEstimator):
     labels_ : ndarray of shape (n_samples,)
     cluster_centers_ : ndarray of shape (n_clusters_, n_features)
     inertia_ : float
+        Sum of squared distances of the rows to their nearest final centre, over every row fitted (after
+        `fit`) or streamed through `assign` (after `partial_fit` + `finish`; NaN until then). Never
+        MiniBatchKMeans' own `inertia_`, which after `partial_fit` covers the last batch only.
     k_values_ : ndarray of int, candidate k
     silhouette_by_k_ : ndarray of float, silhouette of each candidate
     """
@@ -151,12 +178,31 @@ class AutoKMeans(ClusterMixin, BaseEstimator):
         return self
 
     def finish(self, X_sample: np.ndarray) -> "AutoKMeans":
-        """After `partial_fit`: choose k by the silhouette on `X_sample` (rows held in memory)."""
+        """After `partial_fit`: choose k by the silhouette on `X_sample` (rows held in memory).
+
+        `labels_` are then the sample's; `inertia_` is NaN until `assign` streams every row.
+        """
         check_is_fitted(self, "models_")
         models = {k: m for k, m in self.models_.items() if hasattr(m, "cluster_centers_") and k < len(X_sample)}
         if not models:
             raise ConfigError(f"no candidate k could be fitted on {len(X_sample)} sampled rows; lower k_min/n_clusters")
-        return self._choose(models, X_sample, {k: m.predict(X_sample) for k, m in models.items()})
+        self._choose(models, X_sample, {k: m.predict(X_sample) for k, m in models.items()})
+        self.inertia_ = float("nan")  # the sample's would understate it: `assign` sums over every row
+        return self
+
+    def assign(self, batches) -> np.ndarray:
+        """Labels of every row streamed as `batches` (iterable of arrays); sets `inertia_` to their total.
+
+        One pass; after `finish` this is what makes `inertia_` the inertia of all the data with the final
+        centres. Returns the labels, shape (n_rows,).
+        """
+        check_is_fitted(self, "model_")
+        labels, inertia = [], 0.0
+        for batch in batches:
+            labels.append(self.predict(batch))
+            inertia += float(squared_distance_to_centres(batch, self.cluster_centers_).sum())
+        self.inertia_ = inertia
+        return np.concatenate(labels) if labels else np.empty(0, dtype=np.int32)
 
     def _choose(self, models: dict, X: np.ndarray, labels: dict) -> "AutoKMeans":
         ks = sorted(models)
@@ -171,7 +217,7 @@ class AutoKMeans(ClusterMixin, BaseEstimator):
         self.n_clusters_ = best
         self.cluster_centers_ = chosen.cluster_centers_
         self.labels_ = labels[best]
-        self.inertia_ = float(chosen.inertia_) if getattr(chosen, "inertia_", None) is not None else float("nan")
+        self.inertia_ = float(squared_distance_to_centres(X, chosen.cluster_centers_).sum())
         self.model_ = chosen
         return self
 

@@ -8,6 +8,13 @@ control task of Hewitt & Liang (2019, "Designing and Interpreting Probes with Co
 over types is unchanged; a probe that scores well on it memorises. Selectivity = accuracy - control
 accuracy is what the layer adds.
 
+Rows that belong together (the tokens of one prompt, given as `groups`) never straddle a fold: tokens of a
+prompt share its label and much of its context, so a probe tested on tokens whose neighbours it was trained
+on scores its memory of the prompt, not the layer (on a per-token MiniLM run: 0.73 row-split against 0.54
+prompt-split, with the control task at 0.33 against chance 0.10). Such rows are split with
+StratifiedGroupKFold (GroupKFold for continuous labels, or when a class has fewer groups than folds). When
+every group is a single row (pooled runs) the folds are exactly the ungrouped ones.
+
 Pure functions on arrays, no I/O; `neuronmap.analysis.builtin.probing` registers the `probe` analysis.
 
 Example
@@ -18,6 +25,7 @@ Example
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -51,12 +59,42 @@ def make_probe(task: str, C: float = 1.0, alpha: float = 1.0, max_iter: int = 10
     raise ConfigError(f"task={task!r} must be one of classification, regression")
 
 
-def make_folds(task: str, n_splits: int, seed: int):
-    """StratifiedKFold (classes) or KFold (continuous), shuffled with `seed`."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+def make_folds(task: str, n_splits: int, seed: int, grouped: bool = False):
+    """StratifiedKFold (classes) or KFold (continuous), shuffled with `seed`.
 
-    cls = StratifiedKFold if task == "classification" else KFold
-    return cls(n_splits=n_splits, shuffle=True, random_state=seed)
+    grouped=True: the group-aware splitters, StratifiedGroupKFold for "classification" and GroupKFold
+    (shuffled where the installed sklearn can, >= 1.6) otherwise; pass `groups=` to their `split`.
+    """
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    if not grouped:
+        cls = StratifiedKFold if task == "classification" else KFold
+        return cls(n_splits=n_splits, shuffle=True, random_state=seed)
+    if task == "classification":
+        return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    try:
+        return GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    except TypeError:  # sklearn < 1.6: GroupKFold has no shuffle; its size-balanced split is deterministic
+        return GroupKFold(n_splits=n_splits)
+
+
+def _groups_per_class(y: np.ndarray, groups: np.ndarray) -> int:
+    """The fewest distinct groups any class has (how many folds a stratified group split can fill)."""
+    frame = pd.DataFrame({"y": y.astype(str) if y.dtype == object else y, "g": groups})
+    return int(frame.groupby("y")["g"].nunique().min())
+
+
+def _grouped_folds(task: str, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, warn: bool = False):
+    """Group-aware folds for labels `y`: stratified when every class spans >= n_splits groups."""
+    if task == "classification":
+        fewest = _groups_per_class(y, groups)
+        if fewest >= n_splits:
+            return make_folds("classification", n_splits, seed, grouped=True)
+        if warn:
+            warnings.warn(f"a class spans only {fewest} prompts, fewer than n_splits={n_splits}: folds are grouped "
+                          "by prompt but not stratified (GroupKFold), so some test folds lack that class",
+                          UserWarning, stacklevel=3)
+    return make_folds("regression", n_splits, seed, grouped=True)
 
 
 def _validate(x: np.ndarray, y: np.ndarray, task: str, n_splits: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -131,6 +169,8 @@ class ProbeResult:
     control_scores: np.ndarray
     n_samples: int
     n_classes: int | None
+    n_groups: int | None = None
+    """Distinct groups the folds were split by; None when rows were split one by one."""
 
     @property
     def accuracy_mean(self) -> float:
@@ -155,7 +195,8 @@ class ProbeResult:
 
 
 def probe(x: np.ndarray, y: np.ndarray, task: Task = "auto", n_splits: int = 5, C: float = 1.0,
-          alpha: float = 1.0, max_iter: int = 1000, types: np.ndarray | None = None, seed: int = 0) -> ProbeResult:
+          alpha: float = 1.0, max_iter: int = 1000, types: np.ndarray | None = None, seed: int = 0,
+          groups: np.ndarray | None = None) -> ProbeResult:
     """Cross-validated linear probe of `y` from `x`, and the same probe on the control task.
 
     Parameters
@@ -173,11 +214,16 @@ def probe(x: np.ndarray, y: np.ndarray, task: Task = "auto", n_splits: int = 5, 
         Type of each row for the control task (see `control_labels`).
     seed : int
         Seeds the fold shuffle and the control labels.
+    groups : ndarray of shape (n_samples,), optional
+        Group of each row (the prompt of a token). When some group holds several rows, folds keep each
+        group whole, for the probe and its control task (see the module docstring); when every row is
+        its own group (or None), folds split rows as before.
 
     Returns
     -------
     ProbeResult
-        Scores are accuracy for classes and R^2 for continuous labels (sklearn's default scorers).
+        Scores are accuracy for classes and R^2 for continuous labels (sklearn's default scorers);
+        `n_groups` says whether (and by how many groups) the folds were grouped.
     """
     from sklearn.model_selection import cross_val_score
 
@@ -185,15 +231,33 @@ def probe(x: np.ndarray, y: np.ndarray, task: Task = "auto", n_splits: int = 5, 
         raise ConfigError(f"n_splits={n_splits} must be >= 2")
     x, y, task = _validate(x, y, task, n_splits)
     control = control_labels(y, types, seed)
-    folds = make_folds(task, n_splits, seed)
     estimator = make_probe(task, C=C, alpha=alpha, max_iter=max_iter)
+    n_classes = int(len(np.unique(y))) if task == "classification" else None
+    grouped = False
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != y.shape:
+            raise ConfigError(f"groups has shape {groups.shape} but labels {y.shape}: give one group per row")
+        n_groups = int(len(np.unique(groups)))
+        grouped = n_groups < len(groups)
+    if grouped:
+        if n_groups < n_splits:
+            raise ConfigError(f"the rows come from {n_groups} prompts, fewer than n_splits={n_splits}; folds keep "
+                              "a prompt's tokens together: lower n_splits (>= 2) or add prompts")
+        folds = _grouped_folds(task, y, groups, n_splits, seed, warn=True)
+        scores = cross_val_score(estimator, x, y, cv=folds, groups=groups)
+        folds_control = _grouped_folds(task, control, groups, n_splits, seed)
+        control_scores = cross_val_score(estimator, x, control, cv=folds_control, groups=groups)
+        return ProbeResult(task=task, scores=np.asarray(scores, dtype=np.float64),
+                           control_scores=np.asarray(control_scores, dtype=np.float64), n_samples=len(y),
+                           n_classes=n_classes, n_groups=n_groups)
+    folds = make_folds(task, n_splits, seed)
     scores = cross_val_score(estimator, x, y, cv=folds)
     if task == "classification" and np.unique(control, return_counts=True)[1].min() < n_splits:
         folds_control = make_folds("regression", n_splits, seed)  # a type-level permutation can starve a class
     else:
         folds_control = folds
     control_scores = cross_val_score(estimator, x, control, cv=folds_control)
-    n_classes = int(len(np.unique(y))) if task == "classification" else None
     return ProbeResult(task=task, scores=np.asarray(scores, dtype=np.float64),
                        control_scores=np.asarray(control_scores, dtype=np.float64), n_samples=len(y),
                        n_classes=n_classes)

@@ -8,8 +8,12 @@ represents the concept linearly at all; a CAV of a concept the layer does not re
 The classifier is fitted on standardised activations (so the solver converges on layers with a few
 huge dimensions) and its weights are mapped back to activation space (``w / scale``): the CAV is the
 normal of the same boundary in the coordinates the model uses, which is what a directional derivative
-needs. A *random CAV* separates two disjoint random subsets of the random examples; its TCAV scores
-are the null distribution of the significance test (`neuronmap.concepts.tcav`).
+needs. Near-dead features are left out of the fit and get weight 0 (`dead_features`): dividing by a
+spread of ~1e-32 would otherwise blow their weight up to ~1e30 and the unit CAV would point along a
+neuron that carries no signal at all.
+
+A *random CAV* separates two disjoint random subsets of the random examples; its TCAV scores are the
+null distribution of the significance test (`neuronmap.concepts.tcav`).
 
 Pure functions on arrays (numpy, scikit-learn), no I/O.
 
@@ -42,6 +46,7 @@ class CAV:
     accuracy : held-out accuracy of the classifier (balanced classes: chance is 0.5)
     intercept : decision-function intercept in activation space (``x @ raw_vector + intercept``)
     raw_norm : norm of the weight vector before normalising (a large norm: a sharp boundary)
+    n_dead : features left out of the fit as near-constant (`dead_features`); their weight is 0
     """
 
     vector: np.ndarray
@@ -52,6 +57,7 @@ class CAV:
     n_random: int
     n_test: int
     classifier: str
+    n_dead: int = 0
 
 
 def _check_examples(concept: np.ndarray, random: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +82,26 @@ def _holdout(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np
     order = rng.permutation(n)
     n_test = min(n - 1, max(1, int(round(test_fraction * n))))
     return order[n_test:], order[:n_test]
+
+
+DEAD_RELATIVE_STD = 1e-6
+
+
+def dead_features(rows: np.ndarray, relative: float = DEAD_RELATIVE_STD) -> np.ndarray:
+    """Boolean mask of near-constant features: std <= `relative` x the largest feature std of `rows`.
+
+    Why: StandardScaler only treats an exactly constant column as constant; a column of ~1e-32 values
+    (a neuron a LayerNorm or ReLU has all but switched off) is scaled up to unit variance, the classifier
+    may lean on its rounding noise, and mapping the weight back to activation space (``w / scale``)
+    multiplies it by ~1e32, so the whole CAV points along that neuron. Relative to the largest spread,
+    1e-6 is below float32 resolution (~1.2e-7 of a value), i.e. variation the stored activations cannot
+    hold as signal. An all-constant layer has no dead feature by this rule (sklearn handles it).
+    """
+    std = np.asarray(rows, dtype=np.float64).std(axis=0)
+    top = float(std.max()) if std.size else 0.0
+    if not top > 0:
+        return np.zeros(std.shape, dtype=bool)
+    return std <= relative * top
 
 
 def make_classifier(classifier: str, C: float, max_iter: int):
@@ -112,6 +138,9 @@ def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "l
     seed : int
         Seeds the hold-out split.
 
+    Features that are near-constant on the training rows (std <= 1e-6 x the largest feature std,
+    `dead_features`) are excluded from the fit and get weight 0 in the CAV (counted in ``n_dead``).
+
     Returns
     -------
     CAV
@@ -128,20 +157,22 @@ def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "l
     y_train = np.concatenate([np.ones(len(c_train)), np.zeros(len(r_train))])
     x_test = np.concatenate([concept[c_test], random[r_test]])
     y_test = np.concatenate([np.ones(len(c_test)), np.zeros(len(r_test))])
+    keep = ~dead_features(x_train)
     model = make_classifier(classifier, C, max_iter)
     with warnings.catch_warnings():
         from sklearn.exceptions import ConvergenceWarning
 
         warnings.simplefilter("ignore", ConvergenceWarning)  # a boundary that is not fully converged is still a CAV
-        model.fit(x_train, y_train)
+        model.fit(x_train[:, keep], y_train)
     scaler, linear = model[0], model[-1]
-    weights = linear.coef_.reshape(-1) / scaler.scale_
-    intercept = float(linear.intercept_.reshape(-1)[0] - weights @ scaler.mean_)
+    weights = np.zeros(concept.shape[1])
+    weights[keep] = linear.coef_.reshape(-1) / scaler.scale_
+    intercept = float(linear.intercept_.reshape(-1)[0] - weights[keep] @ scaler.mean_)
     norm = float(np.linalg.norm(weights))
     vector = weights / norm if norm > 0 else weights
-    accuracy = float(np.mean(model.predict(x_test) == y_test))
+    accuracy = float(np.mean(model.predict(x_test[:, keep]) == y_test))
     return CAV(vector=vector, accuracy=accuracy, intercept=intercept, raw_norm=norm, n_concept=len(concept),
-               n_random=len(random), n_test=len(y_test), classifier=classifier)
+               n_random=len(random), n_test=len(y_test), classifier=classifier, n_dead=int((~keep).sum()))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""`kmeans`, `dbscan`, `hierarchical`: clusters of samples, their scores, purity against labels."""
+"""`kmeans`, `dbscan`, `hierarchical`: clusters of samples, their scores, purity against labels.
+
+Purity and the scores leave DBSCAN noise out (purity is null when every row is noise). The k-means
+inertia is over every row with the final centres, also when MiniBatchKMeans was streamed batch by batch.
+"""
 
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ def check_kmeans(data: LayerInput, params: KMeansParams) -> None:
 @register("kmeans", family="clustering", params=KMeansParams, scope="layer", uses_labels=True, check=check_kmeans,
           summary="k-means with k chosen by silhouette (MiniBatchKMeans streamed over shards for large runs); "
                   "scores, purity vs --labels",
-          headline=("method", "n_clusters", "silhouette", "calinski_harabasz", "davies_bouldin", "purity"))
+          headline=("method", "n_clusters", "silhouette", "calinski_harabasz", "davies_bouldin", "purity"),
+          version="2")  # 2: minibatch inertia over every row, not the last batch
 def kmeans(data: LayerInput, params: KMeansParams) -> AnalysisResult:
     method = params.method
     if method == "auto":
@@ -84,7 +89,7 @@ def kmeans(data: LayerInput, params: KMeansParams) -> AnalysisResult:
             model.partial_fit(batch)
         sample, sample_positions = data.sample(params.silhouette_samples, params.seed)
         model.finish(sample)
-        labels = np.concatenate([model.predict(batch) for batch in data.iter_batches()])
+        labels = model.assign(data.iter_batches())  # also the inertia over every row, not the last batch's
         scores = cluster_scores(sample, labels[sample_positions], None, params.seed)
     truth = data.labels()
     metrics = {"method": method, "n_clusters": int(model.n_clusters_), "n_rows": data.n_rows, **scores,
@@ -114,15 +119,17 @@ def check_dbscan(data: LayerInput, params: DBSCANParams) -> None:
 
 @register("dbscan", family="clustering", params=DBSCANParams, scope="layer", uses_labels=True, check=check_dbscan,
           summary="DBSCAN with eps from the k-distance knee; noise fraction, scores, purity vs --labels",
-          headline=("eps", "n_clusters", "noise_fraction", "silhouette", "purity"))
+          headline=("eps", "n_clusters", "noise_fraction", "silhouette", "purity"),
+          version="2")  # 2: purity over clustered rows (noise rows no longer count as pure)
 def dbscan(data: LayerInput, params: DBSCANParams) -> AnalysisResult:
     x, positions = data.capped_sample(params.max_samples, params.seed, "DBSCAN")
     model = KneeDBSCAN(params.eps, params.min_samples).fit(x)
     labels = model.labels_
-    if model.n_clusters_ == 0:
-        warnings.warn(f"DBSCAN of {data.layer} found no cluster (every row is noise) with eps={model.eps_:.4g}; "
-                      "pass a larger --param eps or a smaller min_samples", UserWarning, stacklevel=2)
     truth = data.labels(positions)
+    if model.n_clusters_ == 0:
+        undefined = "; purity is undefined (null)" if truth is not None else ""
+        warnings.warn(f"DBSCAN of {data.layer} found no cluster (every row is noise) with eps={model.eps_:.4g}"
+                      f"{undefined}; pass a larger --param eps or a smaller min_samples", UserWarning, stacklevel=2)
     metrics = {"eps": model.eps_, "eps_from_knee": params.eps is None, "min_samples": params.min_samples,
                "n_clusters": model.n_clusters_, "noise_fraction": model.noise_fraction_, "n_used": int(len(positions)),
                **cluster_scores(x, labels, params.silhouette_samples, params.seed), "cluster_sizes": _sizes(labels),

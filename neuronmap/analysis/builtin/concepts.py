@@ -62,7 +62,8 @@ def _check_cav(data: LayerInput, params: CAVParams) -> None:
 
 @register("cav", family="concepts", params=CAVParams, scope="layer", needs_labels=True, check=_check_cav,
           summary="concept activation vectors of label values per layer: held-out accuracy, chance, cosine between "
-                  "concepts")
+                  "concepts",
+          version="2")  # 2: near-constant (dead) neurons are left out of the fit (their weights exploded)
 def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
     concepts = _concepts(params)
     labels = data.labels()
@@ -112,7 +113,7 @@ def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
         chance.append(float(np.mean(random_acc)) if random_acc else np.nan)
         table.append({"concept": str(concept), "accuracy": cav.accuracy, "random_accuracy": chance[-1],
                       "n_concept": n_concept, "n_random": n_random, "per_side": len(c_pick), "n_test": cav.n_test,
-                      "raw_norm": cav.raw_norm, "intercept": cav.intercept})
+                      "raw_norm": cav.raw_norm, "intercept": cav.intercept, "n_dead": cav.n_dead})
     names = [plan[0] for plan in plans]  # the label text of each concept
     for name, acc in zip(names, accuracy):
         metrics[f"accuracy:{name}"] = acc

@@ -10,8 +10,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from ...errors import ConfigError
-from ..dimensionality import (CovariancePCA, check_n_components, fit_pca, intrinsic_dimension, spectrum_summary,
-                              streaming_pca, tsne_embedding)
+from ..dimensionality import (CovariancePCA, check_n_components, covariance_participation_ratio, fit_pca,
+                              intrinsic_dimension, participation_ratio, spectrum_summary, streaming_pca, tsne_embedding)
 from ..inputs import LayerInput
 from ..registry import AnalysisResult, Params, register
 
@@ -51,13 +51,19 @@ def check_pca(data: LayerInput, params: PCAParams) -> None:
           summary="PCA (in memory, or streamed over the shards: covariance eigendecomposition, IncrementalPCA for "
                   "very wide layers): explained variance, effective dim 95/99%, participation ratio",
           headline=("method", "n_components", "effective_dim_95", "effective_dim_99", "participation_ratio"),
-          version="2")
+          version="3")
 def pca(data: LayerInput, params: PCAParams) -> AnalysisResult:
+    """The participation ratio is of the whole spectrum (every eigenvalue) whenever it is known -- exact
+    PCA and the streamed covariance -- whatever n_components keeps; IncrementalPCA knows only its kept
+    components, and then ``participation_ratio_basis`` is "kept_components" and a warning says so."""
     method = _pca_method(data, params)
     k = _pca_components(data, params)
+    full_pr = None
     if method == "exact":
         x = data.array()
-        model = fit_pca(x, k, params.seed)
+        model = fit_pca(x, k, params.seed)  # float64
+        complete = model.n_components_ == min(data.n_rows, data.n_features)
+        full_pr = participation_ratio(model.explained_variance_) if complete else covariance_participation_ratio(x)
         projection = model.transform(x)[:, : params.project] if params.project else None
     else:
         model = streaming_pca(data.iter_batches(), k)
@@ -65,9 +71,15 @@ def pca(data: LayerInput, params: PCAParams) -> AnalysisResult:
         if params.project:
             projection = np.concatenate([model.transform(batch)[:, : params.project] for batch in data.iter_batches()])
     solver = "covariance" if isinstance(model, CovariancePCA) else "svd" if method == "exact" else "incremental_pca"
+    if isinstance(model, CovariancePCA):
+        full_pr = model.participation_ratio_
     metrics = {"method": method, "solver": solver, "n_rows": data.n_rows, "n_features": data.n_features,
                "total_variance": float(np.sum(model.explained_variance_) / max(np.sum(model.explained_variance_ratio_), 1e-300)),
-               **spectrum_summary(model.explained_variance_, model.explained_variance_ratio_)}
+               **spectrum_summary(model.explained_variance_, model.explained_variance_ratio_, full_pr)}
+    if full_pr is None and k < min(data.n_rows, data.n_features):
+        warnings.warn(f"participation_ratio is computed from the {k} kept components only (IncrementalPCA does not "
+                      "know the rest of the spectrum): it underestimates the whole spectrum's and grows with "
+                      "n_components", UserWarning, stacklevel=2)
     unknown = [f"effective_dim_{t}" for t in ("95", "99") if metrics[f"effective_dim_{t}"] is None]
     if unknown:
         warnings.warn(f"the {k} components explain {metrics['explained_variance_ratio_total']:.1%} of the variance: "

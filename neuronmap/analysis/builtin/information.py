@@ -62,7 +62,8 @@ class MutualInfoParams(Params):
 @register("mutual-info", family="information", params=MutualInfoParams, scope="layer", needs_labels=True,
           check=check_layer_bins,
           summary="mutual information (bits) between each binned neuron and the --labels column",
-          headline=("n_classes", "label_entropy", "mean_mi", "max_mi", "top_neurons"))
+          headline=("n_classes", "label_entropy", "mean_mi", "max_mi", "top_neurons"),
+          version="2")  # 2: warns when rows < 10 x bins x classes (the values are then mostly bias)
 def mutual_info(data: LayerInput, params: MutualInfoParams) -> AnalysisResult:
     labels = data.labels()
     _, classes = encode_labels(labels, data.n_rows)
