@@ -77,11 +77,29 @@ def _check_examples(concept: np.ndarray, random: np.ndarray) -> tuple[np.ndarray
     return concept, random
 
 
-def _holdout(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) positions of one class: a seeded permutation, at least one row on each side."""
-    order = rng.permutation(n)
+def _holdout(n: int, test_fraction: float, rng: np.random.Generator,
+             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions of one class: a seeded permutation, at least one row on each side.
+
+    With `groups` (a prompt's id per row, as on per-token runs) whole groups are held out, so no
+    prompt has tokens on both sides: held-out accuracy is then on prompts the classifier never saw.
+    Groups of one row each (pooled runs) change nothing, not even the random draw.
+    """
     n_test = min(n - 1, max(1, int(round(test_fraction * n))))
-    return order[n_test:], order[:n_test]
+    if groups is None or len(np.unique(groups)) == n:
+        order = rng.permutation(n)
+        return order[n_test:], order[:n_test]
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    if len(names) < 2:
+        raise ConfigError(f"all {n} rows of one side come from one prompt: holding out whole prompts needs at "
+                          "least 2 prompts per side")
+    order = rng.permutation(len(names))
+    sizes = np.bincount(inverse, minlength=len(names))[order]
+    # whole groups until the held-out rows reach the share, keeping at least one group for training
+    cut = int(np.searchsorted(np.cumsum(sizes), n_test)) + 1
+    test_groups = order[: min(cut, len(names) - 1)]
+    test = np.isin(inverse, test_groups)
+    return np.flatnonzero(~test), np.flatnonzero(test)
 
 
 DEAD_RELATIVE_STD = 1e-6
@@ -121,7 +139,8 @@ def make_classifier(classifier: str, C: float, max_iter: int):
 
 
 def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "logistic", C: float = 0.1,
-            test_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0) -> CAV:
+            test_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0,
+            concept_groups: np.ndarray | None = None, random_groups: np.ndarray | None = None) -> CAV:
     """Fit a linear classifier concept (1) vs random (0) and return its normalised normal.
 
     Parameters
@@ -137,6 +156,8 @@ def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "l
         Share of each side held out for the accuracy (at least one row per side).
     seed : int
         Seeds the hold-out split.
+    concept_groups, random_groups : ndarray, optional
+        The prompt (sample id) of each row: rows of one prompt are held out together (per-token runs).
 
     Features that are near-constant on the training rows (std <= 1e-6 x the largest feature std,
     `dead_features`) are excluded from the fit and get weight 0 in the CAV (counted in ``n_dead``).
@@ -151,8 +172,8 @@ def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "l
         raise ConfigError(f"C={C!r} must be > 0")
     concept, random = _check_examples(concept, random)
     rng = np.random.default_rng(seed)
-    c_train, c_test = _holdout(len(concept), test_fraction, rng)
-    r_train, r_test = _holdout(len(random), test_fraction, rng)
+    c_train, c_test = _holdout(len(concept), test_fraction, rng, concept_groups)
+    r_train, r_test = _holdout(len(random), test_fraction, rng, random_groups)
     x_train = np.concatenate([concept[c_train], random[r_train]])
     y_train = np.concatenate([np.ones(len(c_train)), np.zeros(len(r_train))])
     x_test = np.concatenate([concept[c_test], random[r_test]])

@@ -63,7 +63,7 @@ def _check_cav(data: LayerInput, params: CAVParams) -> None:
 @register("cav", family="concepts", params=CAVParams, scope="layer", needs_labels=True, check=_check_cav,
           summary="concept activation vectors of label values per layer: held-out accuracy, chance, cosine between "
                   "concepts",
-          version="2")  # 2: near-constant (dead) neurons are left out of the fit (their weights exploded)
+          version="2")  # 2: dead neurons left out of the fit; per-token runs hold out whole prompts
 def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
     concepts = _concepts(params)
     labels = data.labels()
@@ -104,10 +104,17 @@ def cav_analysis(data: LayerInput, params: CAVParams) -> AnalysisResult:
 
     metrics: dict[str, Any] = {}
     vectors, accuracy, chance, table = [], [], [], []
+    prompt_of = data.sample_ids(needed)  # per-token runs: a prompt's tokens are held out together
+
+    def group(positions: np.ndarray) -> np.ndarray:
+        return prompt_of[np.searchsorted(needed, positions)]
+
     for concept, c_pick, r_pick, nulls, n_concept, n_random in plans:
-        cav = fit_cav(at(c_pick), at(r_pick), params.classifier, params.C, params.test_fraction, seed=params.seed)
+        cav = fit_cav(at(c_pick), at(r_pick), params.classifier, params.C, params.test_fraction, seed=params.seed,
+                      concept_groups=group(c_pick), random_groups=group(r_pick))
         random_acc = [fit_cav(at(a), at(b), params.classifier, params.C, params.test_fraction,
-                              seed=params.seed + i).accuracy for i, (a, b) in enumerate(nulls)]
+                              seed=params.seed + i, concept_groups=group(a), random_groups=group(b)).accuracy
+                      for i, (a, b) in enumerate(nulls)]
         vectors.append(cav.vector)
         accuracy.append(cav.accuracy)
         chance.append(float(np.mean(random_acc)) if random_acc else np.nan)
