@@ -257,6 +257,10 @@ def build_units(run: Run, spec: AnalysisSpec, layers: list[str], labels: str | N
     return {"run": RunInput(run.path, run.manifest, inputs, labels)}
 
 
+# Below this many rows an analysis still runs, but its artifact says the numbers are not to be trusted.
+FEW_ROWS = 10
+
+
 def _unit_layers(data: Any) -> list[LayerInput]:
     if isinstance(data, LayerInput):
         return [data]
@@ -381,6 +385,10 @@ def analyze(run: str | os.PathLike | Run, analysis: str, layers: str | list[str]
                          for data in units.values() for item in _unit_layers(data)})
         notes.append(f"run {run.path} is {run.status}: analysed its committed part ({'; '.join(counts)}); "
                      "re-run the analysis when the extraction has completed for the full result")
+    fewest = min(item.n_rows for data in units.values() for item in _unit_layers(data))
+    if fewest < FEW_ROWS:
+        notes.append(f"only {fewest} rows: too few samples for these numbers to mean much (linear CKA of 2 rows is "
+                     "1 whatever the layers, and a second principal axis of 2 rows is noise); extract more prompts")
 
     params_doc = {"analysis": spec.name, "version": spec.version, "params": model.model_dump(mode="json"),
                   "layers": chosen, "labels": label_column, "shards": _shard_hashes(run, units)}

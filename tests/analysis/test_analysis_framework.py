@@ -285,3 +285,16 @@ def test_damaged_result_json_names_the_fix(run):
     assert repaired.id == first.id and load_artifact(first.path).metrics("blocks.0") == repaired.metrics("blocks.0")
     assert unreadable_artifacts(run) == []
     assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_too_few_rows_is_said_in_the_artifact(tmp_path):
+    """Linear CKA of 2 rows is 1 for any two layers (independent random ones here): the artifact says
+    the numbers mean little; 40 rows of the same layers carry no such note."""
+    rng = np.random.default_rng(0)
+    write_synthetic_run(tmp_path / "two", {"a": rng.normal(size=(2, 5)), "b": rng.normal(size=(2, 7))})
+    write_synthetic_run(tmp_path / "many", {"a": rng.normal(size=(40, 5)), "b": rng.normal(size=(40, 7))})
+    with pytest.warns(UserWarning, match="only 2 rows"):
+        few = analyze(tmp_path / "two", "cka")
+    assert few.result["units"]["a|b"]["metrics"]["cka"] == pytest.approx(1.0)
+    assert any("only 2 rows: too few samples" in w for w in few.warnings)
+    assert not any("too few samples" in w for w in analyze(tmp_path / "many", "cka").warnings)
