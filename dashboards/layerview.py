@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from neuronmap.errors import NeuronMapError
+
 from . import diskcache
 
 STAT_COLUMNS = ("neuron", "mean", "std", "min", "max", "mean_abs", "sparsity", "skewness", "kurtosis")
@@ -237,6 +239,11 @@ def colour(repo, run_id: str, layer: str, by: str | None, proj: Projection) -> t
 
 
 def texts(repo, run_id: str, sample_ids: np.ndarray) -> list[str]:
-    prompts = repo.prompts(run_id)
+    """Hover text per point: `#sample_id: prompt`, or the id alone when prompts.parquet cannot be read
+    (the activations can still be shown; the page says why the texts are missing)."""
+    try:
+        prompts = repo.prompts(run_id)
+    except NeuronMapError:
+        return [f"#{int(s)}" for s in sample_ids]
     lookup = dict(zip(prompts["sample_id"].tolist(), prompts["text"].tolist()))
     return [f"#{int(s)}: {lookup.get(int(s), '')}" for s in sample_ids]

@@ -9,7 +9,7 @@ from dash import Input, Output, State, dcc, html
 from neuronmap import viz
 from neuronmap.errors import NeuronMapError
 
-from .. import layerview
+from .. import layerview, runstate
 from ..components import ANY, card, empty_state, error_state, frame_table, graph, header, href, labelled, options, picked
 
 PATH = "/layer"
@@ -26,7 +26,13 @@ def layout(ctx, query: dict) -> html.Div:
         return error_state(f"layer {layer!r} is not in run {run_id}; it holds: {', '.join(run.layers)}")
     info = run.layer_info(layer)
     stats, source = layerview.neuron_stats(repo, run_id, layer)
-    colour_choices = [*repo.label_columns(run_id)]
+    try:
+        colour_choices = [*repo.label_columns(run_id)]
+        prompts_note = None
+    except NeuronMapError:  # a damaged prompts.parquet: the activations can still be explored
+        colour_choices = []
+        prompts_note = dbc.Alert(runstate.prompts_unreadable(run_id), color="warning", className="py-1 small",
+                                 id="layer-prompts-unreadable")
     if layerview.clusters(repo, run_id, layer) is not None:
         colour_choices.append("cluster")
     methods = [{"label": "PCA", "value": "pca"}]
@@ -55,6 +61,8 @@ def layout(ctx, query: dict) -> html.Div:
     heads = [dbc.Button("View attention heads", href=href("/attention", run=run_id, layer=layer), size="sm",
                         color="secondary", outline=True)] if info.kind == "pattern" and info.per_token else []
     notes = [pattern_note(run_id, layer, info)] if info.kind == "pattern" else []
+    if prompts_note is not None:
+        notes.append(prompts_note)
     return html.Div([
         header(f"{layer}", [dcc.Link(run_id, href=href("/run", run=run_id)),
                             f" · {info.kind} · shape {' x '.join(map(str, info.shape))} · {run.n_rows(layer):,} rows"],

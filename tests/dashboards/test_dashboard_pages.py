@@ -277,6 +277,13 @@ def test_a_broken_prompt_table_gives_one_line_and_launch_still_offers_the_layers
     assert "restore prompts.parquet" in run and str(root) not in run
     with pytest.raises(ConfigError, match="prompts.parquet"):
         ctx.jobs.submit("noprompts", "probe", ["blocks.0"])
+    # the Layer explorer opens (the activations are whole) and says why there are no texts or labels
+    from dashboards import layerview
+    from dashboards.pages import layer as layer_page
+
+    layer = text_of(layer_page.layout(ctx, {"run": "noprompts", "layer": "blocks.0"}))
+    assert "prompts of run noprompts cannot be read" in layer and str(root) not in layer
+    assert layerview.texts(ctx.repository, "noprompts", np.array([3, 5])) == ["#3", "#5"]
 
 
 # -- 6. small ones -------------------------------------------------------------------------------------
