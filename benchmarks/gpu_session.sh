@@ -21,6 +21,7 @@
 #      (what the machine's 16 CPUs give the step every extraction runs before its first forward).
 # Each step writes its own JSON, so a step that fails or runs out of time loses only itself.
 # GPU_SESSION_QUICK=1 runs the same steps small on the CPU (a smoke run of this script).
+# GPU_SESSION_SKIP="d2h pooling" leaves out the steps it names (the device call brings back 8 files).
 set -uo pipefail
 
 OUT=${OUT:-/tmp/gpu-session}
@@ -54,6 +55,10 @@ fi
 step() {  # step NAME COMMAND...: run it, keep going on failure, say how it ended
     local name=$1
     shift
+    if [[ " ${GPU_SESSION_SKIP:-} " == *" $name "* ]]; then
+        echo "== $name skipped (GPU_SESSION_SKIP)" | tee -a "$LOG"
+        return
+    fi
     echo "== $name: $*" | tee -a "$LOG"
     "$@" 2>&1 | tee -a "$LOG"
     echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
