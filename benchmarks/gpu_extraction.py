@@ -161,14 +161,17 @@ def llama_bench(args: argparse.Namespace, scratch: Path, log: Any) -> dict:
         neuronmap.extract(loaded, frame, layers="blocks.*", pooling="mean", out=out,
                           batch_size=args.batch_size, max_length=args.max_length)
 
-    from neuronmap.extraction import STORAGE_DTYPES, BatchPooler, extract_shard, plan_run
+    from neuronmap.extraction import STORAGE_DTYPES, BatchPooler, HostBuffers, extract_shard, plan_run
+
+    host = HostBuffers(pin=args.device.startswith("cuda"))  # extract's reused (pinned) shard buffers
 
     def capture_only() -> None:  # what extract does minus the store: plan, hooks, pooling, device->host
         run_plan, tokens, plan = plan_run(loaded, frame["text"].tolist(), "blocks.*", "mean", "float32",
                                           args.max_length, None)
         pooler = BatchPooler("mean", STORAGE_DTYPES["float32"], run_plan.pattern_width)
         for samples in run_plan.shards():
-            extract_shard(loaded, plan, tokens, samples, pooler, args.batch_size)
+            arrays = extract_shard(loaded, plan, tokens, samples, pooler, args.batch_size, host=host, wait=False)
+        dict(arrays)  # waits for the last shard's copy, as extract's commit does
 
     forward()
     extract()  # warm-up (CUDA kernels, allocator)

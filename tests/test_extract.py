@@ -431,6 +431,54 @@ def test_shards_copied_into_reused_host_buffers_equal_fresh_copies(loaded):
     assert grown or all(np.shares_memory(reused[2][name], reused[0][name]) for name in plan.shapes)  # set reused
 
 
+def test_landing_arrays_are_read_only_after_their_copy_landed():
+    """A shard whose copy off the GPU is only queued: its layer names are known at once, but a reader
+    (the commit thread) gets values only after the copy's wait returned, and the wait runs once."""
+    import threading
+
+    from neuronmap import extraction
+
+    landed, calls, got = threading.Event(), [], {}
+
+    def wait() -> None:
+        calls.append(threading.current_thread().name)
+        assert landed.wait(10)
+
+    arrays = extraction.LandingArrays({"blocks.0": np.arange(3.0), "blocks.1": np.ones(2)}, wait)
+    assert list(arrays) == ["blocks.0", "blocks.1"] and len(arrays) == 2 and calls == []
+    reader = threading.Thread(target=lambda: got.update(arrays.items()), name="commit")
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and got == {}  # still waiting for the copy
+    landed.set()
+    reader.join(10)
+    assert calls == ["commit"] and list(got) == ["blocks.0", "blocks.1"]
+    np.testing.assert_array_equal(arrays["blocks.0"], np.arange(3.0))
+    assert calls == ["commit"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the queued copy is CUDA's")
+def test_queued_shard_copies_on_a_gpu_equal_waited_ones(tmp_path):
+    """On a GPU, shards whose copies are only queued (`wait=False`, as `extract` takes them) hold the
+    same values as shards copied with a wait, also when the next shard is computed before they are read."""
+    from neuronmap.models.tiny import make_tiny
+
+    make_tiny("gpt2", tmp_path / "gpt2", seed=0)
+    lm = load_model(tmp_path / "gpt2", device="cuda")
+    texts = [f"{text} {i}" for i, text in enumerate(PROMPTS * 6)]
+    run_plan, tokens, plan = extraction.plan_run(lm, texts, "blocks.*", "mean", "float32", max_length=16,
+                                                 samples_per_shard=7)
+    pooler = extraction.BatchPooler("mean", torch.float32, pattern_width=run_plan.pattern_width)
+    shards = run_plan.shards()[:2]
+    waited = [extraction.extract_shard(lm, plan, tokens, s, pooler, 4) for s in shards]
+    host = extraction.HostBuffers(pin=True)
+    queued = [extraction.extract_shard(lm, plan, tokens, s, pooler, 4, host=host, wait=False) for s in shards]
+    assert all(isinstance(q, extraction.LandingArrays) for q in queued)
+    for got, want in zip(queued, waited):
+        for name in plan.shapes:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_default_shard_size_is_larger_only_for_per_token_runs_on_a_gpu():
     from neuronmap import extraction
 
