@@ -317,6 +317,31 @@ def sample_positions(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in parts])
 
 
+def read_token_index(run: Run, layer: str, rows: np.ndarray) -> np.ndarray:
+    """`token_index` (a token's position in its prompt) of the given rows of a per-token layer, in their order.
+
+    Each shard holding some of the rows is opened once and its `token_index` read over the rows' span
+    (4 bytes a row): projections draw scattered rows, and one read per row would open a file per point.
+    """
+    from neuronmap.store.shards import ShardReader
+
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.full(len(rows), -1, dtype=np.int64)
+    info = run.layer_info(layer)
+    for shard in run.shards(layer):
+        lo, hi = shard.rows
+        inside = np.flatnonzero((rows >= lo) & (rows < hi))
+        if len(inside) == 0:
+            continue
+        local = rows[inside] - lo
+        first, last = int(local.min()), int(local.max()) + 1
+        with ShardReader(run.path / shard.path, run.format, tuple(info.shape), info.dtype) as reader:
+            out[inside] = reader.read("token_index", first, last)[local - first]
+    if (out < 0).any():
+        raise RunFormatError(f"rows {rows[out < 0][:3].tolist()} of layer {layer} are in no committed shard")
+    return out
+
+
 def read_rows(run: Run, layer: str, shards: list, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Activations, layer rows and sample ids at sorted `positions` of the rows the `shards` hold.
 

@@ -238,12 +238,64 @@ def colour(repo, run_id: str, layer: str, by: str | None, proj: Projection) -> t
     return np.asarray([mapping.get(int(s)) for s in proj.sample_ids], dtype=object), by
 
 
-def texts(repo, run_id: str, sample_ids: np.ndarray) -> list[str]:
-    """Hover text per point: `#sample_id: prompt`, or the id alone when prompts.parquet cannot be read
-    (the activations can still be shown; the page says why the texts are missing)."""
+def texts(repo, run_id: str, sample_ids: np.ndarray, tokens: list[str] | None = None) -> list[str]:
+    """Hover text per point: `#sample_id: prompt` (`#sample_id · token 3 ' Paris': prompt` with `tokens`),
+    or the id alone when prompts.parquet cannot be read (the activations can still be shown; the page
+    says why the texts are missing)."""
+    marks = [f" · {t}" for t in tokens] if tokens is not None else [""] * len(sample_ids)
     try:
         prompts = repo.prompts(run_id)
     except NeuronMapError:
-        return [f"#{int(s)}" for s in sample_ids]
+        return [f"#{int(s)}{m}" for s, m in zip(sample_ids, marks)]
     lookup = dict(zip(prompts["sample_id"].tolist(), prompts["text"].tolist()))
-    return [f"#{int(s)}: {lookup.get(int(s), '')}" for s in sample_ids]
+    return [f"#{int(s)}{m}: {lookup.get(int(s), '')}" for s, m in zip(sample_ids, marks)]
+
+
+def token_labels(repo, run_id: str, layer: str, rows: np.ndarray, sample_ids: np.ndarray) -> list[str] | None:
+    """`token 3 ' Paris'` for each row of a per-token layer (None for a per-prompt layer): the row's position
+    in its prompt and the token there, from the run's tokenizer with the extraction's truncation.
+
+    Why: on a per-token run every point is one token, and a prompt alone does not say which. Without
+    the tokenizer (not loadable offline) or the prompt texts, the position alone is given.
+    """
+    run = repo.run(run_id)
+    if not run.layer_info(layer).per_token:
+        return None
+    rows = np.asarray(rows, dtype=np.int64)
+    from .data import _mtime
+
+    key = (str(run.path), _mtime(run.path / "manifest.json"), layer, "token-labels", hash(rows.tobytes()))
+    return repo.derived(key, lambda: _token_labels(repo, run, run_id, layer, rows, np.asarray(sample_ids)))
+
+
+def _token_labels(repo, run, run_id: str, layer: str, rows: np.ndarray, sample_ids: np.ndarray) -> list[str]:
+    from neuronmap.extraction import tokenize_prompts
+
+    from .attention import tokenizer_for
+    from .data import read_token_index
+
+    positions = read_token_index(run, layer, rows)
+    plain = [f"token {int(p)}" for p in positions]
+    try:
+        tokenizer = tokenizer_for(run)
+        prompts = repo.prompts(run_id)
+    except NeuronMapError:
+        return plain
+    lookup = dict(zip(prompts["sample_id"].tolist(), prompts["text"].tolist()))
+    known = [int(s) for s in np.unique(sample_ids) if isinstance(lookup.get(int(s)), str) and lookup[int(s)].strip()]
+    if not known:
+        return plain
+    ids = tokenize_prompts(tokenizer, [lookup[s] for s in known], int(run.manifest.max_length or 512)).ids
+    prompt_ids = {s: ids[i] for i, s in enumerate(known)}
+    pieces: dict[int, str] = {}
+    labels = []
+    for label, sample, position in zip(plain, sample_ids.tolist(), positions.tolist()):
+        seq = prompt_ids.get(int(sample))
+        if seq is None or position >= len(seq):
+            labels.append(label)
+            continue
+        token = int(seq[position])
+        if token not in pieces:
+            pieces[token] = tokenizer.decode([token])
+        labels.append(f"{label} {pieces[token]!r}")
+    return labels

@@ -135,7 +135,7 @@ def register(app, ctx) -> None:
             row = row[0]
         try:
             values, sample_id = repo.row(key["run"], key["layer"], int(row))
-            token = token_of(repo, key["run"], key["layer"], int(row))
+            token = layerview.token_labels(repo, key["run"], key["layer"], np.array([int(row)]), np.array([sample_id]))
             prompts = repo.prompts(key["run"])
         except (NeuronMapError, TypeError, ValueError) as error:
             return error_state(str(error), title="This point cannot be shown")
@@ -145,7 +145,7 @@ def register(app, ctx) -> None:
         top = np.argsort(-np.abs(values), kind="stable")[:10]
         return html.Div([
             html.P([html.Strong(f"sample {sample_id}"),
-                    html.Strong(f" · token {token}", id="point-token") if token is not None else None,
+                    html.Strong(f" · {token[0]}", id="point-token") if token is not None else None,
                     html.Span(f" · row {int(row)}", className="text-muted")], className="mb-1"),
             html.Blockquote(text, className="prompt-text border-start ps-2", id="point-prompt"),
             html.Div([dbc.Badge(f"{k}: {v}", color="light", text_color="dark", className="me-1") for k, v in labels.items()],
@@ -175,14 +175,6 @@ def register(app, ctx) -> None:
                                       title=f"{len(found.heat_x)} {unit} x top {len(found.top)} neurons by mean |x|")
 
 
-def token_of(repo, run_id: str, layer: str, row: int) -> int | None:
-    """The token position (`token_index`) of a per-token layer's row; None for a per-prompt layer."""
-    run = repo.run(run_id)
-    if not run.layer_info(layer).per_token:
-        return None
-    return int(run.token_index(layer, rows=(row, row + 1))[0])
-
-
 def draw_scatter(repo, run_id: str, layer: str, method: str, dims: int, colour_by):
     """(figure, caption) of the layer's projection; an empty figure and the reason when there is none."""
     proj = layerview.projection(repo, run_id, layer, method, dims)
@@ -196,7 +188,8 @@ def draw_scatter(repo, run_id: str, layer: str, method: str, dims: int, colour_b
         return {}, (f"No {dims}-D view: {len(proj.rows):,} rows give only {have} principal coordinates "
                     f"(PCA {proj.source}).")
     values, title = layerview.colour(repo, run_id, layer, colour_by, proj)
-    hover = layerview.texts(repo, run_id, proj.sample_ids)
+    tokens = layerview.token_labels(repo, run_id, layer, proj.rows, proj.sample_ids)
+    hover = layerview.texts(repo, run_id, proj.sample_ids, tokens)
     kwargs = dict(color=values, color_title=title, hover=hover, ids=proj.rows, title=f"{method.upper()} · {layer}")
     if method == "tsne":
         fig = viz.tsne_scatter(proj.coords[:, :dims], **kwargs)

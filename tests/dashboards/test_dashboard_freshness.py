@@ -7,6 +7,7 @@ made by analysing a copy of the manifest cut to its first shards, then putting t
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import time
@@ -266,24 +267,41 @@ def test_caption_of_a_two_prompt_run_reads_plainly(runs):
                                      "seeded sample of 2 of 2 rows).")
 
 
-def test_a_per_token_row_shows_its_token_position(runs):
+def test_a_per_token_row_shows_its_token_position_and_text(runs, tiny_model_dir):
+    """Hover and click name each token row's position in its prompt and the token there (reference: the
+    model's own tokenizer on the prompt text); a per-prompt layer names none."""
+    from transformers import AutoTokenizer
+
     root, _ = runs
     repo = Repository(root)
     ids = repo.run("tokens").sample_ids(LAYER)
+    texts = dict(zip(repo.prompts("tokens")["sample_id"], repo.prompts("tokens")["text"]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
     # the rows of a prompt are its tokens, in order
     first = {int(s): int(np.flatnonzero(ids == s)[0]) for s in np.unique(ids)}
-    rows = (0, 1, len(ids) // 2, len(ids) - 1)
+
+    def want(row: int) -> str:
+        position = row - first[int(ids[row])]
+        token = tokenizer(texts[int(ids[row])])["input_ids"][position]
+        return f"token {position} {tokenizer.decode([token])!r}"
+
+    rows = np.array([0, 1, len(ids) // 2, len(ids) - 1])
+    assert layer.layerview.token_labels(repo, "tokens", LAYER, rows, ids[rows]) == [want(int(r)) for r in rows]
+    assert layer.layerview.token_labels(repo, "pooled", LAYER, np.array([0]), np.array([0])) is None
+    fig, _ = layer.draw_scatter(repo, "tokens", LAYER, "pca", 2, None)
+    hover = [html.unescape(t) for trace in fig.data for t in (trace.hovertext or trace.text or [])]
+    assert len(hover) == len(ids) and all(" · token " in t for t in hover)  # every row drawn, each with its token
     for row in rows:
-        assert layer.token_of(repo, "tokens", LAYER, row) == row - first[int(ids[row])]
-    assert layer.token_of(repo, "pooled", LAYER, 0) is None
+        assert any(t.startswith(f"#{int(ids[row])} · {want(int(row))}: ") for t in hover)
+    fig, _ = layer.draw_scatter(repo, "pooled", LAYER, "pca", 2, None)
+    assert not any(" · token " in t for trace in fig.data for t in (trace.hovertext or trace.text or []))
 
     from dashboards.app import create_app
 
     app = create_app(root, workers=1, prefetch=False)
     try:
         client = app.server.test_client()
-        for run_id, row, shown in (("tokens", rows[2], f" · token {rows[2] - first[int(ids[rows[2]])]}"),
-                                   ("pooled", 3, None)):
+        for run_id, row, shown in (("tokens", int(rows[2]), f" · {want(int(rows[2]))}"), ("pooled", 3, None)):
             response = _post(client, ["point-details.children"],
                              [click(row)],
                              [{"id": "layer-key", "property": "data", "value": {"run": run_id, "layer": LAYER}}])
