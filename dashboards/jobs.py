@@ -145,19 +145,12 @@ class JobManager:
 
     @staticmethod
     def _preflight(run, run_id: str, spec, model, layers: list[str], labels: str | None) -> None:
-        """What `analyze` checks before reading activations: rows committed, and the analysis' own `check`
-        on the units' shapes. Any other failure is left for the job to report."""
-        from neuronmap.analysis.runner import _labels_column, _unit_layers, build_units
+        """What `analyze` checks before reading activations (`runner.preflight`), worded for the form.
+        Any other failure is left for the job to report."""
+        from neuronmap.analysis.runner import preflight
 
         try:
-            units = build_units(run, spec, layers, _labels_column(run, spec, labels, []), 4096, model)
-            for data in units.values():
-                for item in _unit_layers(data):
-                    if item.n_rows == 0:
-                        raise ConfigError(f"layer {item.layer} has no committed rows yet: wait for the extraction "
-                                          "to write its first shard")
-                if spec.check is not None:
-                    spec.check(data, model)
+            preflight(run, spec.name, layers, model, labels)
         except NeuronMapError as error:
             raise ConfigError(dashboard_wording(str(error), run.path, run_id)) from None
 

@@ -68,9 +68,10 @@ def check_job_id(value: str) -> str:
 def validate_analysis(catalog: RunsCatalog, run_id: str, request: dict[str, Any]) -> str:
     """The run folder when `request` can start; ApiError (404 run, 400 anything else) otherwise."""
     from neuronmap.analysis.registry import get_analysis
-    from neuronmap.analysis.runner import select_layers
+    from neuronmap.analysis.runner import preflight, select_layers
 
     run = catalog.open(run_id)
+    catalog.check_shards(run_id, run)
     try:
         spec = get_analysis(request["analysis"])
         spec.parse_params(request.get("params") or {})
@@ -83,6 +84,7 @@ def validate_analysis(catalog: RunsCatalog, run_id: str, request: dict[str, Any]
         if labels is not None and labels not in columns:
             raise ApiError(400, "bad_request", f"label column {labels!r} is not in run {run_id!r}'s prompts; label "
                            f"columns: {', '.join(columns) or '(none)'}")
+        preflight(run, spec.name, request.get("layers"), request.get("params") or {}, labels)
     except NeuronMapError as error:
         raise ApiError(400, "bad_request", str(error)) from None
     return str(run.path)

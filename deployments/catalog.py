@@ -122,6 +122,15 @@ class RunsCatalog:
                 "n_shards": len(m.shards), "bytes": int(sum(s.bytes or 0 for s in m.shards)),
                 "prompt_columns": columns, "analyses": [a["id"] for a in self.list_analyses(run_id)]}
 
+    @staticmethod
+    def check_shards(run_id: str, run: Any, layer: str | None = None) -> None:
+        """ApiError 409 when a shard of the run (of `layer`) resolves outside the run's folder (a symbolic
+        link, say): the server reads only the folders it was given."""
+        for shard in run.shards(layer) if layer is not None else run.manifest.shards:
+            if inside(run.path / shard.path, run.path) is None:
+                raise ApiError(409, "run_unreadable", f"run {run_id!r} lists a shard outside its folder "
+                               f"({shard.path}); re-extract the run or copy the shard into it")
+
     def layer_stats(self, run_id: str, layer: str) -> dict:
         """Per-neuron mean/std/min/max/sparsity of a layer's committed rows, streamed (cached per manifest)."""
         from neuronmap.analysis.statistics import RunningStats
@@ -131,10 +140,7 @@ class RunsCatalog:
             shown = ", ".join(run.layers[:20]) + (" ..." if len(run.layers) > 20 else "")
             raise ApiError(404, "not_found", f"run {run_id!r} has no layer {layer[:80]!r}; its layers: {shown}")
         shards = run.shards(layer)
-        for shard in shards:
-            if inside(run.path / shard.path, run.path) is None:
-                raise ApiError(409, "run_unreadable", f"run {run_id!r} lists a shard outside its folder; "
-                               "run `neuronmap runs verify` on it")
+        self.check_shards(run_id, run, layer)
         key = (run_id, layer, ";".join(f"{s.path}:{s.sha256}" for s in shards))
         with self._lock:
             if key in self._stats_cache:

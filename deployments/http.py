@@ -45,9 +45,19 @@ def _error(status: int, code: str, message: str, detail: Any = None, headers: di
     return JSONResponse({"error": code, "message": message, "detail": detail}, status_code=status, headers=headers)
 
 
+BODY_UNREADABLE = ("the request body could not be read: send a JSON object encoded as UTF-8, with "
+                   "Content-Type: application/json")
+
+
 def _validation_message(errors: list[dict]) -> tuple[str, list[dict]]:
     detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": _plain_msg(e), "type": str(e.get("type", ""))}
               for e in errors[:20]]
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:  # FastAPI's loc is (body, character offset): say so, and what to send
+        at = next((p for p in broken.get("loc", ())[1:] if isinstance(p, int)), None)
+        where = f" at character {at}" if at is not None else ""
+        reason = (broken.get("ctx") or {}).get("error") or broken.get("msg", "")
+        return f"the request body is not valid JSON{where} ({reason}); send a JSON object encoded as UTF-8", detail
     parts = [f"{'.'.join(d['loc'][1:] or d['loc'])}: {d['msg']}" for d in detail[:3]]
     more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
     return "invalid request: " + "; ".join(parts) + more, detail
@@ -77,7 +87,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+        message = str(error.detail)
+        if error.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
+            code, message = "bad_request", BODY_UNREADABLE
+        return _error(error.status_code, code, message, headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def bug(_: Request, error: Exception) -> JSONResponse:

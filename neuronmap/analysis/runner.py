@@ -179,6 +179,8 @@ def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
     names = run.layers
     if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
         return names
+    if not isinstance(spec, str) and len(spec) == 0:
+        raise ConfigError("layers=[] selects no layer: name some (e.g. 'blocks.*'), or leave layers out for all")
     holds = ", ".join(abbreviate(names)) or "(no layers)"
     chosen: set[str] = set()
     for item in split_spec(spec):
@@ -193,6 +195,31 @@ def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
             raise UnknownLayerError(f"layer {item!r} is not in run {run.path}{part}; it holds: {holds}")
         chosen.update(name for pattern in expanded for name in match(pattern, names))
     return [name for name in names if name in chosen]
+
+
+def preflight(run: Run | str | Path, analysis: str, layers: str | list[str] | None = None,
+              params: dict[str, Any] | Any = None, labels: str | None = None) -> None:
+    """Raise now (ConfigError) what `analyze` would refuse before computing, without reading activations.
+
+    Why: a server or a form that queues an analysis as a job should answer a mistake (one layer for a
+    pair analysis, more components than rows, a perplexity above the rows, a missing label column, a
+    layer with no committed rows) at once, not with a job that fails later. What only the computation
+    can find is still the job's to report. `params` is a dict, or the analysis' parsed `Params`.
+    """
+    from .registry import Params
+
+    run = run if isinstance(run, Run) else open_run(Path(run))
+    spec = get_analysis(analysis)
+    model = params if isinstance(params, Params) else spec.parse_params(params or {})
+    chosen = select_layers(run, layers)
+    units = build_units(run, spec, chosen, _labels_column(run, spec, labels, []), 4096, model)
+    for data in units.values():
+        for item in _unit_layers(data):
+            if item.n_rows == 0:
+                raise ConfigError(f"layer {item.layer} has no committed rows yet: wait for the extraction to "
+                                  "write its first shard")
+        if spec.check is not None:
+            spec.check(data, model)
 
 
 def committed_ranges(run: Run, layer: str) -> tuple[tuple[int, int], ...]:

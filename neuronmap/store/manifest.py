@@ -16,7 +16,7 @@ import math
 import os
 import urllib.parse
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,6 +109,16 @@ class ShardRecord(BaseModel):
     samples: tuple[int, int]
     sha256: str
     bytes: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_run(cls, path: str) -> str:
+        # A run is one self-contained folder: a shard path that leaves it (absolute, or through "..") would
+        # make readers, `runs verify` and servers read files that are not the run's.
+        parts = PurePosixPath(path.replace("\\", "/")).parts
+        if not parts or path.startswith(("/", "\\")) or ".." in parts:
+            raise ValueError(f"shard path {path!r} must be relative and inside the run folder")
+        return path
 
     @model_validator(mode="after")
     def _ranges(self) -> "ShardRecord":
@@ -262,7 +272,8 @@ def load_manifest(run: str | os.PathLike) -> Manifest:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise RunFormatError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}); the run is corrupt, re-extract with --overwrite"
+            f"{path} is not valid JSON ({error.msg.removesuffix(' at')} at line {error.lineno}); the run is corrupt, "
+            "re-extract with --overwrite"
         ) from None
     if isinstance(data, dict) and isinstance(data.get("schema_version"), int) and data["schema_version"] > SCHEMA_VERSION:
         raise RunFormatError(

@@ -13,7 +13,7 @@ from analysistest_util import write_per_token_run, write_synthetic_run
 from neuronmap.analysis import AnalysisResult, Params, analyze, get_analysis, list_analyses, list_artifacts, register
 from neuronmap.analysis.artifacts import load_artifact, unreadable_artifacts
 from neuronmap.analysis.registry import unregister
-from neuronmap.errors import ConfigError, RunFormatError, StorageError, UnknownLayerError
+from neuronmap.errors import ConfigError, NeuronMapError, RunFormatError, StorageError, UnknownLayerError
 from neuronmap.store import RunWriter, open_run
 
 CALLS = {"count": 0}
@@ -201,6 +201,34 @@ def test_unknown_layer_and_engine(run):
         analyze(run, "stats", layers="blocks.9")
     with pytest.raises(ConfigError, match="engine 'spark' is not available; installed engines: local"):
         analyze(run, "stats", layers="blocks.0", engine="spark")
+
+
+def test_an_empty_layer_list_is_a_clear_error_not_an_empty_min(run):
+    with pytest.raises(ConfigError, match=r"layers=\[\] selects no layer"):
+        analyze(run, "pca", layers=[])
+
+
+def test_preflight_refuses_what_analyze_refuses_before_computing_and_writes_nothing(run, tmp_path):
+    """`preflight` (what Serve and the dashboard check before queueing a job) gives `analyze`'s own error for
+    each mistake, and accepts a request `analyze` then computes."""
+    from neuronmap.analysis.runner import preflight
+
+    mistakes = [("test-pair", dict(layers="blocks.0")), ("pca", dict(params={"n_components": 51})),
+                ("test-labels", dict(layers="blocks.0")), ("stats", dict(layers="blocks.9")),
+                ("test-count", dict(layers=[]))]
+    for analysis, kwargs in mistakes:
+        with pytest.raises(NeuronMapError) as before:
+            preflight(run, analysis, **kwargs)
+        with pytest.raises(NeuronMapError) as during:
+            analyze(run, analysis, **kwargs)
+        assert str(before.value) == str(during.value)
+    assert not (run / "analyses").exists() or not any((run / "analyses").iterdir())
+    preflight(run, "pca", layers="blocks.0-1", params={"n_components": 3})
+    assert analyze(run, "pca", layers="blocks.0-1", params={"n_components": 3}).units == ["blocks.0", "blocks.1"]
+    empty = write_synthetic_run(tmp_path / "empty", {"blocks.0": np.zeros((10, 2), np.float32)}, complete=False,
+                                n_shards=0)
+    with pytest.raises(ConfigError, match="no committed rows yet"):
+        preflight(empty, "stats")
 
 
 def test_a_custom_engine_gets_one_task_per_shard_for_mergeable_analyses(run):

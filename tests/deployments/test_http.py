@@ -116,6 +116,11 @@ def test_unknown_model_and_broken_json_are_4xx(open_app):
     broken = httpx.post(f"{open_app.url}/v1/extract", content=b"{not json",
                         headers={"content-type": "application/json"})
     assert broken.status_code == 422 and broken.json()["error"] == "validation_error"
+    assert broken.json()["message"].startswith("the request body is not valid JSON at character 1 (")
+    latin1 = httpx.post(f"{open_app.url}/v1/extract", content='{"texts": ["caf\u00e9"]}'.encode("latin-1"),
+                        headers={"content-type": "application/json"})
+    assert latin1.status_code == 400 and latin1.json()["error"] == "bad_request", latin1.text
+    assert "UTF-8" in latin1.json()["message"] and "parsing the body" not in latin1.json()["message"]
 
 
 def test_runs_endpoints_return_what_is_on_disk(open_app, serve_runs):
@@ -180,6 +185,11 @@ def test_post_analysis_runs_a_job_to_an_artifact_on_disk(open_app, serve_runs):
     ({"analysis": "pca", "params": {"n_components": -1}}, "n_components"),
     ({"analysis": "pca", "layers": "blocks.9"}, "blocks.9"),
     ({"analysis": "kmeans", "labels": "colour"}, "colour"),
+    # refused at once, as `analyze` would refuse them before computing (they were failed jobs)
+    ({"analysis": "pca", "layers": []}, "selects no layer"),
+    ({"analysis": "cka", "layers": "blocks.0"}, "select at least 2"),
+    ({"analysis": "pca", "params": {"n_components": 100}}, "n_components=100 must be between 1 and"),
+    ({"analysis": "tsne", "params": {"perplexity": 30}}, "perplexity=30 must be less than n_samples=8"),
 ])
 def test_bad_analysis_requests_are_400(open_app, body, words):
     response = httpx.post(f"{open_app.url}/v1/runs/demo/analyses", json=body)

@@ -157,6 +157,37 @@ def test_inside_follows_symlinks(tmp_path):
     assert inside(root / "out", real) is None and inside(root, real) is None
 
 
+def test_an_analysis_job_is_refused_when_a_shard_lies_outside_its_run(serve_runs, tmp_path):
+    """`/stats` refused a run whose shard resolves outside its folder; a job on it read the file. Both
+    refuse now (409), a shard listed through '..' makes the manifest itself unreadable, and a sound copy
+    of the same run is accepted."""
+    import json
+    import shutil
+
+    from deployments.analysis_jobs import validate_analysis
+    from deployments.catalog import RunsCatalog
+
+    runs = tmp_path / "runs"
+    for name in ("sound", "linked", "dotted"):
+        shutil.copytree(serve_runs.runs / "demo", runs / name, symlinks=True)
+    outside = shutil.copytree(serve_runs.runs / "demo", tmp_path / "outside")
+    shard = json.loads((runs / "linked" / "manifest.json").read_text())["shards"][0]["path"]
+    (runs / "linked" / shard).unlink()
+    (runs / "linked" / shard).symlink_to(outside / shard)
+    manifest = json.loads((runs / "dotted" / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = f"../../outside/{shard}"
+    (runs / "dotted" / "manifest.json").write_text(json.dumps(manifest))
+
+    catalog, request = RunsCatalog(runs), {"analysis": "stats", "layers": "blocks.0"}
+    assert validate_analysis(catalog, "sound", request) == str((runs / "sound").resolve())
+    with pytest.raises(ApiError) as linked:
+        validate_analysis(catalog, "linked", request)
+    assert linked.value.status == 409 and "outside its folder" in linked.value.message
+    with pytest.raises(ApiError) as dotted:
+        validate_analysis(catalog, "dotted", request)
+    assert dotted.value.status == 409 and "must be relative and inside the run folder" in dotted.value.message
+
+
 def test_layer_ranges_are_bounded_before_expansion():
     assert check_layer_spec("blocks.0-3, final") == ["blocks.0-3", "final"]
     with pytest.raises(ConfigError, match="more than"):

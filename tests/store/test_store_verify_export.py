@@ -81,6 +81,30 @@ def test_verify_reports_unreadable_run_instead_of_raising(tmp_path):
     assert not report.ok and "does not exist" in report.problems[0]
 
 
+@pytest.mark.parametrize("listed", ["../other-run/activations/blocks.0/part-00000.h5", "/tmp/part-00000.h5",
+                                    "activations/../../part-00000.h5"])
+def test_a_shard_listed_outside_the_run_folder_makes_the_manifest_invalid(tmp_path, listed):
+    """A run is one folder: `verify` said ok for a manifest whose shard path left it, and readers read that file."""
+    import json
+
+    write_run(tmp_path / "run", format="hdf5")
+    doc = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    doc["shards"][0]["path"] = listed
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(RunFormatError, match="must be relative and inside the run folder"):
+        open_run(tmp_path / "run")
+    report = verify_run(tmp_path / "run")
+    assert not report.ok and "inside the run folder" in report.problems[0]
+
+
+def test_a_manifest_that_is_not_json_is_named_in_one_readable_line(tmp_path):
+    write_run(tmp_path / "run", format="hdf5")
+    (tmp_path / "run" / "manifest.json").write_text('{"status": "comp\x01lete"}')
+    with pytest.raises(RunFormatError) as error:
+        load_manifest(tmp_path / "run")
+    assert "(Invalid control character at line 1)" in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize("per_token,dtype", [(False, "float32"), (True, "float16")])
 def test_csv_round_trip_is_exact(tmp_path, per_token, dtype):
     written = write_run(tmp_path / "run", per_token=per_token, dtype=dtype)
