@@ -106,4 +106,9 @@ def attribute(
     if "ig" in results:
         console.print(f"integrated gradients: completeness gap {results['ig'].delta:.2e} "
                       f"(sum of scores minus target(input) - target(baseline))")
+    if "layer-ig" in results:
+        layer_ig = results["layer-ig"]
+        console.print(f"layer integrated gradients ({layer_ig.layer}): completeness gap {layer_ig.delta:.2e} (sum of "
+                      "scores minus the target's change when that layer's output alone goes from its baseline "
+                      "value to its value on the prompt)")
     console.print(f"written: {folder}", highlight=False)

@@ -107,10 +107,10 @@ class TokenAttribution:
         self._target = parse_target(self.loaded, target, predicted=lambda: self._predicted(ids, mask, position))
         self._pos = position
         if self._target.kind == "neuron":
-            self._neuron_ref = self.loaded.adapter.resolve(self._target.layer)[0]
+            self._neuron_ref = self._hidden_ref(self._target.layer, "a neuron: target")
         if method in LAYER_METHODS:
             layer = self._layer_for(layer, target, self._neuron_ref if self._target.kind == "neuron" else None)
-            self._layer_ref = self._one_ref(layer)
+            self._layer_ref = self._hidden_ref(layer, method)
         elif layer is not None:
             raise ConfigError(f"--layer applies to {', '.join(LAYER_METHODS)} only, not {method}")
         embeds = self.model.get_input_embeddings()(ids).detach()
@@ -262,16 +262,41 @@ class TokenAttribution:
         return _per_token(attr), delta.item()
 
     def _layer_ig(self, embeds, base, mask, n_steps, n_samples, ibs):
-        from captum.attr import LayerIntegratedGradients
-
         ref = self._layer_ref
         if ref.hook == "input":
             return self._input_layer_ig(ref, embeds, base, mask, n_steps, ibs)
-        attr, delta = LayerIntegratedGradients(self._forward, ref.module).attribute(
-            embeds, baselines=base, additional_forward_args=(mask,), n_steps=n_steps, internal_batch_size=ibs,
-            return_convergence_delta=True)
-        if isinstance(attr, (tuple, list)):
-            attr = attr[0]
+        return self._output_layer_ig(ref, embeds, base, mask, n_steps, ibs)
+
+    def _output_layer_ig(self, ref, embeds, base, mask, n_steps, ibs):
+        """Layer IG to a module's output: IG over the captured activation, the model run with the
+        interpolated activation substituted for it (Captum's layer IG, done through the adapter's refs).
+
+        Why not Captum's ``LayerIntegratedGradients(module)``: it clones every element of the module's
+        output, and Hugging Face attention modules return ``(output, None)``; it also cannot follow a ref
+        that views the output (OPT's flat MLP rows).
+        """
+        from captum.attr import IntegratedGradients
+
+        def layer_output(x):
+            with torch.no_grad(), Capture([ref], stop_early=True) as cap:
+                cap.run(self.model, inputs_embeds=x, attention_mask=mask)
+            return cap.outputs[ref.name]
+
+        def substitute(values, mask):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                new = values.reshape(-1, *hidden.shape[1:])  # the ref's view back to the module's layout
+                return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
+
+            handle = ref.module.register_forward_hook(hook)
+            try:
+                return self._forward(embeds.expand(values.shape[0], -1, -1), mask)
+            finally:
+                handle.remove()
+
+        attr, delta = IntegratedGradients(substitute).attribute(
+            layer_output(embeds), baselines=layer_output(base), additional_forward_args=(mask,), n_steps=n_steps,
+            internal_batch_size=ibs, return_convergence_delta=True)
         return _per_token(attr), delta.item()
 
     def _input_layer_ig(self, ref, embeds, base, mask, n_steps, ibs):
@@ -380,6 +405,15 @@ class TokenAttribution:
         if len(refs) != 1:
             raise ConfigError(f"--layer {layer!r} names {len(refs)} layers; name exactly one, e.g. blocks.3")
         return refs[0]
+
+    def _hidden_ref(self, layer: str, what: str) -> Any:
+        """The one ref `layer` names, refused in one line when it holds attention weights (`what` uses it)."""
+        ref = self._one_ref(layer)
+        if ref.kind == "pattern":
+            output = ref.name.removesuffix(".pattern")
+            raise ConfigError(f"{ref.name} holds attention weights, which {what} cannot use: pick the attention "
+                              f"output {output} or the block {output.removesuffix('.attn')}")
+        return ref
 
     def _device(self) -> torch.device:
         param = next(self.model.parameters(), None)

@@ -47,6 +47,48 @@ def test_layer_integrated_gradients_complete(gpt2):
     assert abs(result.scores.sum() - gap) < 2e-3 * max(1.0, abs(gap))
 
 
+@pytest.mark.parametrize("family, layer, projection", [
+    ("gpt2", "blocks.1.attn", "transformer.h.1.attn.c_proj"), ("gpt2", "blocks.1.mlp", "transformer.h.1.mlp.c_proj"),
+    ("llama", "blocks.1.attn", "model.layers.1.self_attn.o_proj"), ("llama", "blocks.1.mlp", "model.layers.1.mlp.down_proj"),
+])
+def test_layer_ig_to_an_attention_or_mlp_output_equals_captum_on_its_output_projection(tiny_model, tiny_model_dir,
+                                                                                        family, layer, projection):
+    """Layer IG to a sublayer (it crashed on attention outputs): Captum's LayerIntegratedGradients on the output
+    projection, whose output is that sublayer's output in eval mode, is the reference. The scores sum to the
+    target's change when that output alone moves from its baseline value (the residual path stays at the
+    prompt), so the reported delta is IG's integration error only."""
+    from captum.attr import LayerIntegratedGradients
+    from transformers import AutoTokenizer
+
+    ours = TokenAttribution(tiny_model(family, head=True), baseline="zero").attribute(
+        TEXT, target="next-token", method="layer-ig", layer=layer, n_steps=64)
+    model = _reference(tiny_model_dir, family)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir(family))
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == ours.tokens  # the same prompt tokens
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        token = int(model(inputs_embeds=embeds).logits[0, -1].argmax())
+    module = model.get_submodule(projection)
+    attr, delta = LayerIntegratedGradients(lambda x: model(inputs_embeds=x).logits[:, -1, token], module).attribute(
+        embeds, baselines=torch.zeros_like(embeds), n_steps=64, return_convergence_delta=True)
+    np.testing.assert_allclose(ours.scores, attr[0].sum(-1).detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert abs(ours.delta) < 1e-4 * max(1.0, float(np.abs(ours.scores).sum()))
+
+
+@pytest.mark.parametrize("args, words", [
+    (dict(method="layer-ig", layer="blocks.1.attn.pattern"), "blocks.1.attn.pattern holds attention weights, which "
+                                                             "layer-ig cannot use: pick the attention output blocks.1.attn"),
+    (dict(method="gradcam", layer="blocks.1.attn.pattern"), "which gradcam cannot use"),
+    (dict(method="ig", target="neuron:blocks.1.attn.pattern:0"), "which a neuron: target cannot use"),
+])
+def test_attention_weights_are_refused_as_a_layer_to_attribute_to_in_one_line(gpt2, args, words):
+    kwargs = {"target": "next-token", **args}
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.").replace("(", r"\(")):
+        TokenAttribution(gpt2).attribute(TEXT, **kwargs)
+    assert _no_hooks(gpt2.model)
+
+
 def test_shapley_values_are_efficient(gpt2):
     """Shapley value sampling: every permutation's marginal gains add up to f(all) - f(none)."""
     result = TokenAttribution(gpt2).attribute(TEXT, target="next-token", method="shapley", n_samples=6)
