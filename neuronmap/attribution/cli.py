@@ -60,6 +60,9 @@ def attribute(
     if not methods or unknown:
         raise ConfigError(f"--method {method!r}: unknown {', '.join(unknown) or 'nothing given'}; "
                           f"use a comma-separated list of {', '.join(METHODS)} or all")
+    if layer is not None and not any(name in LAYER_METHODS for name in methods):
+        raise ConfigError(f"--layer applies to {', '.join(LAYER_METHODS)} only; --method {method} uses none: add one "
+                          "of them or leave --layer out")
     params = {"model": model, "text": text, "target": target, "methods": methods, "layer": layer,
               "position": position, "baseline": baseline, "steps": steps, "samples": samples, "seed": seed}
     folder = artifact_folder(out, run, "attribution", params, overwrite)

@@ -161,7 +161,8 @@ def read_pairs(path: Path) -> tuple[list[str], list[str], list | None]:
         return frame["clean"].astype(str).tolist(), frame[second].astype(str).tolist(), None
     if not {"pair_id", "role", "text"} <= set(frame.columns):
         raise ConfigError(f"pairs file {path} needs columns pair_id, role, text (from `neuronmap generate "
-                          f"counterfactual`) or clean, corrupted; it has {', '.join(map(str, frame.columns))}")
+                          f"counterfactual`) or clean, corrupted; it has "
+                          f"{', '.join(map(str, frame.columns)) or 'no columns'}")
     clean, corrupted, targets = [], [], []
     for pair_id, rows in frame.groupby("pair_id", sort=True):
         by_role = {str(r["role"]): r for _, r in rows.iterrows()}

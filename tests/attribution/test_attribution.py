@@ -210,6 +210,16 @@ def test_cli_writes_an_artifact_with_every_method(tiny_model_dir, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_refuses_a_layer_no_chosen_method_uses_before_loading_anything(tiny_model_dir, tmp_path, capsys):
+    """`--method rollout --layer blocks.1` ran and ignored the layer (the Python API refused it)."""
+    from neuronmap.cli import main
+
+    code = main(["attribute", "-m", str(tiny_model_dir("gpt2")), "-t", TEXT, "--method", "rollout,ig", "--layer",
+                 "blocks.1", "-o", str(tmp_path / "a"), "--device", "cpu"])
+    assert code == 2 and "--layer applies to layer-ig, gradcam only" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_artifact_figure_shows_every_method_score(gpt2, tmp_path):
     """The gallery's figure of an attribution artifact carries the stored scores (row-scaled) per method."""
     from neuronmap.analysis.artifacts import load_artifact
