@@ -178,6 +178,10 @@ def fit_cav(concept: np.ndarray, random: np.ndarray, classifier: Classifier = "l
     y_train = np.concatenate([np.ones(len(c_train)), np.zeros(len(r_train))])
     x_test = np.concatenate([concept[c_test], random[r_test]])
     y_test = np.concatenate([np.ones(len(c_test)), np.zeros(len(r_test))])
+    if not np.asarray(x_train, dtype=np.float64).std(axis=0).any():
+        raise ConfigError("every training example has the same activations here, so no direction separates the "
+                          "concept from the random examples; with pooling first the first token is often one "
+                          "special token in every prompt: pool with mean or last")
     keep = ~dead_features(x_train)
     model = make_classifier(classifier, C, max_iter)
     with warnings.catch_warnings():

@@ -67,6 +67,16 @@ def test_dead_feature_rule():
     assert not dead_features(np.ones((10, 3))).any()  # all constant: nothing to compare against
 
 
+def test_identical_examples_are_refused_not_a_zero_cav():
+    """With pooling `first` on a model that starts every prompt with BOS, every example is the same row: the fit
+    gave a zero CAV and TCAV scores of 0 without a word."""
+    from neuronmap.errors import ConfigError
+
+    rows = np.tile(np.arange(6.0), (40, 1))
+    with pytest.raises(ConfigError, match="every training example has the same activations here"):
+        fit_cav(rows[:20], rows[20:])
+
+
 def test_cav_runs_and_random_cavs_ignore_dead_columns():
     """The TCAV null distribution (random-vs-random CAVs) must not lock onto the dead neurons either."""
     x, y, _ = _planted(seed=2)
