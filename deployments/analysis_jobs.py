@@ -136,11 +136,11 @@ class Job:
 
 
 def with_progress(record: dict[str, Any]) -> dict[str, Any]:
-    """The public view of a job record: its fields (bookkeeping dropped) plus `progress` in [0, 1]."""
+    """The public view of a job record: its fields (bookkeeping dropped) plus `progress` in [0, 1]: 1 once it
+    succeeded; for a failed job, how far it got (a failed job at 1.0 read as finished work)."""
     info = {k: v for k, v in record.items() if k not in ("owner", "heartbeat")}
-    done = info.get("state") in ("succeeded", "failed")
     total = info.get("tasks_total")
-    progress = 1.0 if done else (info.get("tasks_done", 0) / total if total else 0.0)
+    progress = 1.0 if info.get("state") == "succeeded" else (info.get("tasks_done", 0) / total if total else 0.0)
     info["progress"] = round(min(progress, 1.0), 4)
     return info
 

@@ -91,6 +91,7 @@ def test_a_job_whose_process_was_killed_is_failed_not_running_forever(serve_runs
     finally:
         manager.shutdown()
     assert info["state"] == "failed" and info["error"] == INTERRUPTED and info["finished"]
+    assert info["progress"] < 1.0  # it did not finish
     assert json.loads(path.read_text())["state"] == "failed"  # rewritten: every later reader agrees
 
 
