@@ -52,6 +52,11 @@ def parse_target(loaded: Any, spec: str, predicted: Callable[[], int] | None = N
         raise ConfigError(f"target={spec!r} is empty; use one of {', '.join(KINDS)} (e.g. token:' Paris')")
     kind, _, rest = spec.partition(":")
     kind = kind.strip()
+    if kind in ("next-token", "token", "logit-diff", "class"):
+        from ..models.loading import require_trained
+
+        require_trained(loaded, f"a {kind} target (read from its logits)",
+                        "use a neuron: target, or a model with a trained language-model head")
     if kind == "next-token":
         if predicted is None:
             raise ConfigError("target next-token needs a model with an LM head")

@@ -218,6 +218,9 @@ def same_lengths(loaded: Any, first: Sequence[str], second: Sequence[str], first
 
 def run_logits(loaded: Any, batch: Batch) -> torch.Tensor:
     """Full logits (batch, seq, vocab) in float32 of a forward on `batch` (grad mode: the caller's)."""
+    from ..models.loading import require_trained
+
+    require_trained(loaded, "its logits")
     model = loaded.model
     device = device_of(model)
     output = model(input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)

@@ -202,6 +202,9 @@ class ActivationPatching:
         return np.asarray(out)
 
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from ..models.loading import require_trained
+
+        require_trained(self.loaded, "its logits")
         model = self.loaded.model
         device = next(model.parameters()).device
         input_ids = input_ids.to(device)

@@ -49,6 +49,7 @@ class LoadedModel:
     device: str
     dtype: str
     config_hash: str
+    untrained: tuple[str, ...] = ()  # weights the checkpoint lacked, initialised at random when loading
 
     @cached_property
     def adapter(self):
@@ -115,7 +116,21 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
                        family=getattr(config, "model_type", "") or (entry.family if entry else ""),
                        device=str(param.device), dtype=str(param.dtype).removeprefix("torch."),
-                       config_hash=config_hash(config))
+                       config_hash=config_hash(config), untrained=tuple(missing))
+
+
+def require_trained(loaded: Any, what: str, fix: str = "use a model with a trained language-model head") -> None:
+    """ConfigError when `loaded` has weights the checkpoint lacked (initialised at random when loading).
+
+    Why: all-MiniLM-L6-v2 is a sentence encoder without a masked-LM head; loaded with ``head=True`` its
+    head is random, so logits (and every patching, tracing or attribution score read from them) change
+    from one load to the next. Activations before the head are unaffected (`neuron:` targets, extraction).
+    """
+    missing = getattr(loaded, "untrained", ())
+    if missing:
+        raise ConfigError(f"{loaded.name} has {len(missing)} weights its checkpoint lacks ({', '.join(missing[:2])}"
+                          f"{', ...' if len(missing) > 2 else ''}), initialised at random when loading, so {what} would "
+                          f"differ on every load; {fix}")
 
 
 def config_hash(config) -> str:

@@ -202,3 +202,24 @@ def test_attn_implementation_and_stable_config_hash(tiny_model):
     assert eager.model.config._attn_implementation == "eager"
     assert eager.config_hash == default.config_hash == config_hash(default.model.config)
     assert tiny_model("mistral").config_hash != eager.config_hash
+
+
+def test_weights_a_checkpoint_lacks_are_named_and_logit_readers_refuse_them(tiny_model_dir):
+    """all-MiniLM-L6-v2 ships no masked-LM head: with head=True its head is random on every load, so patching
+    scores changed by up to 2.4 between two identical commands. Logit readers refuse it; `neuron:` targets,
+    which read activations before the head, still work; a complete checkpoint lacks nothing."""
+    from neuronmap.attribution import TokenAttribution
+    from neuronmap.interventions import ActivationPatching
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minilm = load_model("all-minilm-l6-v2", device="cpu", head=True)
+    assert minilm.untrained and all(name.startswith("cls.") for name in minilm.untrained)
+    assert load_model(tiny_model_dir("bert"), head=True).untrained == ()
+    with pytest.raises(ConfigError, match="initialised at random when loading, so its logits would differ"):
+        ActivationPatching(minilm).attribute("the cat sat on the mat", baselines="the dog sat on the mat",
+                                             target=(" cat", " dog"))
+    with pytest.raises(ConfigError, match="use a neuron: target"):
+        TokenAttribution(minilm).attribute("the cat sat", target="token: cat", method="saliency")
+    neuron = TokenAttribution(minilm).attribute("the cat sat", target="neuron:blocks.2:5", method="saliency")
+    assert neuron.scores.shape == (len(neuron.tokens),)
