@@ -180,6 +180,11 @@ def load_direction(direction: Any) -> torch.Tensor:
         path = os.fspath(direction)
         if not os.path.isfile(path):
             raise ConfigError(f"direction file {path!r} does not exist: give a .npy file holding one vector")
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if magic != b"\x93NUMPY":  # numpy's own message for other files talks of pickled data
+            raise ConfigError(f"direction file {path!r} is not a .npy file (written by numpy.save): save the vector "
+                              "with numpy.save('direction.npy', vector)")
         try:
             direction = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:

@@ -92,6 +92,11 @@ def test_bad_directions_are_one_line_errors(gpt2, tmp_path):
         Steering(gpt2).generate("the cat", tmp_path / "missing.npy", layers="blocks.1")
     with pytest.raises(ConfigError, match="one layer"):
         Steering(gpt2).generate("the cat", np.ones(64), layers="blocks.*")
+    (tmp_path / "direction.txt").write_text("0.1 0.2 0.3\n")  # numpy's message spoke of pickled data
+    with pytest.raises(ConfigError, match=r"is not a \.npy file \(written by numpy\.save\)"):
+        Steering(gpt2).generate("the cat", tmp_path / "direction.txt", layers="blocks.1")
+    np.save(tmp_path / "ok.npy", np.ones(64))
+    assert Steering(gpt2).generate("the cat", tmp_path / "ok.npy", layers="blocks.1", max_new_tokens=2).steered
     assert hooks_left(gpt2.model) == 0
 
 
