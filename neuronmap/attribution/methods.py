@@ -15,6 +15,8 @@ as BOS/[CLS]/[SEP] kept, as Captum's BERT tutorial does) or by zero vectors (``"
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -375,9 +377,17 @@ class TokenAttribution:
     def _rollout(self, embeds, base, mask, n_steps, n_samples, ibs):
         adapter = self.loaded.adapter
         refs = adapter.resolve("blocks.*.attn.pattern")
+        if self._target.kind == "neuron":  # only the attention that runs before the neuron mixes its input
+            block = re.match(r"blocks\.(\d+)(\.|$)", self._target.layer)
+            if block is not None:
+                refs = [ref for ref in refs if int(ref.name.split(".")[1]) <= int(block.group(1))]
+            elif self._target.layer == "embed":
+                refs = []
         with torch.no_grad(), adapter.attention_patterns(refs), Capture(refs) as cap:
             cap.run(self.model, inputs_embeds=embeds, attention_mask=mask)
         patterns = [cap.outputs[ref.name][0].float().cpu().numpy() for ref in refs]  # each (heads, q, k)
+        if not patterns:  # a neuron of the embeddings: every position holds only its own token
+            return np.eye(embeds.shape[1])[self._pos], None
         return attention_rollout(patterns)[self._pos], None
 
     # -- helpers --------------------------------------------------------------------------------------

@@ -155,6 +155,12 @@ def test_rollout_equals_numpy_over_output_attentions(gpt2, tiny_model_dir):
     np.testing.assert_allclose(result.scores, rollout[-1], rtol=1e-4, atol=1e-6)
     assert result.scores.sum() == pytest.approx(1.0, abs=1e-5)
     assert _no_hooks(gpt2.model)
+    # a neuron of block 0 sees only block 0's attention (it multiplied through every block)
+    a = attentions[0][0].mean(0).numpy()
+    a = (a + np.eye(n)) / 2
+    first = a / a.sum(-1, keepdims=True)
+    neuron = TokenAttribution(gpt2).attribute(TEXT, target="neuron:blocks.0.mlp:3", method="rollout")
+    np.testing.assert_allclose(neuron.scores, first[-1], rtol=1e-4, atol=1e-6)
 
 
 def test_encoder_model_token_target(tiny_model):
