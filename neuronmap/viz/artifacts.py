@@ -95,7 +95,10 @@ def _pca(artifact, unit, prompts, color, color_title, dims, max_points, seed) ->
 def _tsne(artifact, unit, prompts, color, color_title, dims, max_points, seed) -> go.Figure:
     frame = _table(artifact, "embedding", unit)
     available = sum(1 for c in (frame.columns if frame is not None else []) if str(c).startswith("tsne"))
-    columns = [f"tsne{i + 1}" for i in range(min(max(dims, 2), max(available, 2)))]
+    if frame is not None and available < dims:  # as for PCA: a 3-D view is not quietly drawn in 2-D
+        raise ValueError(f"a {dims}-D t-SNE scatter needs {dims} dimensions; the embedding has {available} "
+                         f"(re-run tsne with --param n_components={dims})")
+    columns = [f"tsne{i + 1}" for i in range(max(dims, 2))]
     points = _points(artifact, "embedding", unit, columns, prompts, color, color_title)
     if points is None:
         raise KeyError(f"artifact {artifact.result['id']} has no t-SNE embedding for {unit}")
@@ -155,17 +158,27 @@ def _correlation(artifact, unit, *_args) -> go.Figure:
 def _cosine(artifact, unit, *_args) -> go.Figure:
     s = _array(artifact, unit, "cosine")
     ids = _array(artifact, unit, "sample_ids")
-    names = [f"#{int(i)}" for i in (ids if ids is not None else range(len(s)))]
-    return matrix_heatmap(s, names, names, title=f"cosine similarity between samples · {unit}", colorscale="RdBu",
-                          zmin=-1.0, zmax=1.0, zmid=0.0, colorbar_title="cosine", annotate=False, x_title="sample",
-                          y_title="sample")
+    ids = [int(i) for i in (ids if ids is not None else range(len(s)))]
+    # On a per-token run a sample id repeats for each of its token rows; plotly merges equal category
+    # labels, so a 562-row matrix was drawn as 40 rows. Repeated ids get their occurrence: `#12·0`, `#12·1`.
+    repeated = len(set(ids)) < len(ids)
+    seen: dict[int, int] = {}
+    names = []
+    for i in ids:
+        names.append(f"#{i}·{seen.get(i, 0)}" if repeated else f"#{i}")
+        seen[i] = seen.get(i, 0) + 1
+    what = "token rows" if repeated else "samples"
+    return matrix_heatmap(s, names, names, title=f"cosine similarity between {what} · {unit}", colorscale="RdBu",
+                          zmin=-1.0, zmax=1.0, zmid=0.0, colorbar_title="cosine", annotate=False,
+                          x_title=what.removesuffix("s"), y_title=what.removesuffix("s"))
 
 
 def _mutual_info(artifact, unit, *_args) -> go.Figure:
     mi = _array(artifact, unit, "mutual_information")
     top = np.argsort(-mi, kind="stable")[: min(20, len(mi))]
     labels = artifact.result.get("labels") or "labels"
-    return neuron_ranking(top, mi[top], title=f"mutual information with {labels} · {unit}", value_title="bits")
+    return neuron_ranking(top, mi[top], title=f"mutual information with {labels} · {unit} (top {len(top)} of "
+                                              f"{len(mi)} neurons)", value_title="bits")
 
 
 def _stats(artifact, *_args) -> go.Figure:
@@ -225,6 +238,22 @@ def _intrinsic(artifact, *_args) -> go.Figure:
     return metric_bars(units, metrics, title="intrinsic dimension")
 
 
+def _probe(artifact, *_args) -> go.Figure:
+    """Probe score and control-task score per layer (the accuracy-by-layer view), with the folds' std."""
+    units = list(artifact.result["units"])
+    metrics = [_metrics(artifact, u) for u in units]
+    score = next((m.get("score") for m in metrics if m.get("score")), "accuracy")
+    fig = metric_bars(units, {f"probe {score}": [m.get("accuracy_mean") for m in metrics],
+                              f"control task {score}": [m.get("control_accuracy") for m in metrics]},
+                      title=f"linear probe of {artifact.result.get('labels') or 'labels'} per layer "
+                            "(control task: a random label per prompt, Hewitt & Liang 2019)")
+    for trace, key in zip(fig.data, ("accuracy_std", "control_std")):
+        trace.error_y = dict(type="data", array=[m.get(key) or 0.0 for m in metrics], visible=True)
+    fig.update_yaxes(title_text=f"{score}, mean over folds")
+    fig.update_xaxes(type="category", title_text="layer")
+    return fig
+
+
 def generic_figure(artifact: Any) -> go.Figure:
     """Grouped bars of every numeric scalar metric, one group per unit (analyses without a dedicated figure)."""
     units = list(artifact.result["units"])
@@ -243,7 +272,7 @@ BUILDERS: dict[str, Callable[..., go.Figure]] = {
     "correlation": _correlation, "cosine": _cosine, "mutual-info": _mutual_info, "stats": _stats,
     "cka": _pairs, "rsa": _pairs, "layer-mi": _pairs, "evolution": _evolution, "entropy": _entropy,
     "intrinsic-dim": _intrinsic,
-    "cav": cav_artifact_figure, "top-activations": top_activations_artifact_figure,
+    "cav": cav_artifact_figure, "top-activations": top_activations_artifact_figure, "probe": _probe,
 }
 
 

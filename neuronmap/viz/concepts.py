@@ -140,7 +140,10 @@ def top_activations_figure(table: pd.DataFrame, max_neurons: int = MAX_NEURONS, 
         fig.update_yaxes(autorange="reversed", type="category", row=row, col=1)
     fig.update_xaxes(title_text="activation", row=len(shown) or 1, col=1)
     n_rows = sum(len(group) for _, group in shown)
-    fig.update_layout(title=title or "top activating inputs", template="plotly_white",
+    title = title or "top activating inputs"
+    if len(shown) < len(groups):  # say what is left out: the neurons drawn are the strongest over every layer
+        title += f" (the {len(shown)} of {len(groups)} neurons with the largest top value, all layers)"
+    fig.update_layout(title=title, template="plotly_white",
                       height=max(320, 22 * n_rows + 60 * len(shown) + 100), margin=dict(l=260, r=20, t=70, b=50),
                       meta={"n_neurons": len(groups), "n_shown": len(shown)})
     return fig

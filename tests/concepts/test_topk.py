@@ -127,6 +127,12 @@ def test_per_token_run_gives_tokens_in_context(tmp_path, tiny_model_dir):
 
     figure = figure_for_artifact(artifact)
     assert figure.layout.meta["n_shown"] == 2 and len(figure.data) == 2
+    assert "neurons with the largest" not in figure.layout.title.text  # all neurons drawn: nothing to say
+    from neuronmap.viz.concepts import top_activations_figure
+
+    cut = top_activations_figure(table, max_neurons=1)
+    assert cut.layout.title.text == ("top activating inputs (the 1 of 2 neurons with the largest top value, "
+                                     "all layers)")
 
 
 def test_cli_and_errors(sample_run, capsys):

@@ -40,6 +40,9 @@ def test_tsne_scatter_points_are_the_embedding(run_path):
     fig = figure_for_artifact(artifact)
     table = artifact.table("embedding")
     assert np.allclose(np.column_stack([fig.data[0].x, fig.data[0].y]), table[["tsne1", "tsne2"]].to_numpy())
+    with pytest.raises(ValueError, match=r"needs 3 dimensions; the embedding has 2 \(re-run tsne with --param "
+                                         r"n_components=3\)"):
+        figure_for_artifact(artifact, dims=3)  # was drawn in 2-D without a word
 
 
 def test_pair_heatmaps_hold_pair_matrix(run_path):
@@ -90,7 +93,7 @@ class FakeArtifact:
     """An in-memory artifact of an analysis no builder knows (e.g. a plugin's)."""
 
     def __init__(self):
-        self.result = {"id": "probe-1", "analysis": "probe", "units": {
+        self.result = {"id": "custom-1", "analysis": "custom-score", "units": {
             "blocks.0": {"metrics": {"accuracy": 0.9, "name": "x", "n": 10}},
             "blocks.1": {"metrics": {"accuracy": 0.7, "n": 12}}}}
         self.arrays = {}
@@ -103,3 +106,42 @@ def test_unknown_analyses_get_bars_of_their_numeric_metrics():
     fig = figure_for_artifact(FakeArtifact())
     assert [t.name for t in fig.data] == ["accuracy", "n"]
     assert np.allclose(fig.data[0].y, [0.9, 0.7]) and list(fig.data[0].x) == ["blocks.0", "blocks.1"]
+
+
+def test_cosine_of_a_per_token_run_draws_every_token_row(tmp_path):
+    """Token rows of one prompt share a sample id; as plotly category labels they merged, and a 30-row matrix
+    was drawn as 6 rows. Each row now has its own label and the heatmap holds the whole matrix."""
+    from neuronmap.store import Manifest, RunWriter
+
+    n_samples, per_sample, d = 6, 5, 4
+    rows = n_samples * per_sample
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    manifest = Manifest.new(model="synthetic", config_hash="c", tokenizer="none",
+                            layers={"blocks.0": dict(shape=[d], dtype="float32", kind="hidden", per_token=True)},
+                            pooling="none", dtype="float32", prompt_source="synthetic", prompt_source_hash="h",
+                            n_samples=n_samples, n_tokens=rows)
+    writer = RunWriter(tmp_path / "run", manifest)
+    writer.write_prompts(pd.DataFrame({"text": [f"prompt {i}" for i in range(n_samples)]}))
+    writer.write_shard("blocks.0", 0, rows=(0, rows), samples=(0, n_samples), activations=x,
+                       sample_ids=np.repeat(np.arange(n_samples), per_sample),
+                       token_index=np.tile(np.arange(per_sample, dtype=np.int32), n_samples))
+    writer.complete()
+    artifact = analyze(tmp_path / "run", "cosine", layers="blocks.0")
+    heat = figure_for_artifact(artifact).data[0]
+    assert len(set(heat.y)) == len(heat.y) == rows and list(heat.x) == list(heat.y)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(heat.z, dtype=float), unit @ unit.T, atol=1e-5)
+    assert heat.y[0] == "#0·0" and heat.y[per_sample] == "#1·0"
+
+
+def test_probe_figure_holds_probe_and_control_scores_per_layer(run_path):
+    """The probe had no figure of its own: generic bars put n_rows on the accuracies' axis."""
+    artifact = analyze(run_path, "probe", layers="blocks.*", labels="topic", params={"n_splits": 3})
+    fig = figure_for_artifact(artifact)
+    units = list(artifact.result["units"])
+    assert [list(trace.x) for trace in fig.data] == [units, units]
+    assert list(fig.data[0].y) == [artifact.metrics(u)["accuracy_mean"] for u in units]
+    assert list(fig.data[1].y) == [artifact.metrics(u)["control_accuracy"] for u in units]
+    assert list(fig.data[0].error_y.array) == [artifact.metrics(u)["accuracy_std"] for u in units]
+    assert fig.layout.yaxis.title.text == "accuracy, mean over folds"
