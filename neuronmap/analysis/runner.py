@@ -174,9 +174,13 @@ def run_task(task: Task) -> tuple[Any, list[str]]:
 # ---------------------------------------------------------------------------------------------
 def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
     """Run layers matched by a spec (names, globs, ranges, "all"; None = all), in the run's order."""
+    return match_layers(run.layers, spec, f"run {run.path}")
+
+
+def match_layers(names: list[str], spec: str | list[str] | None, holder: str) -> list[str]:
+    """`names` matched by a spec, in their order; errors say what `holder` ("run PATH") holds."""
     from ..models.layerspec import abbreviate, expand_ranges, match, split_spec
 
-    names = run.layers
     if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
         return names
     if not isinstance(spec, str) and len(spec) == 0:
@@ -186,13 +190,13 @@ def select_layers(run: Run, spec: str | list[str] | None) -> list[str]:
     for item in split_spec(spec):
         expanded = expand_ranges(item)
         if expanded is None:
-            raise UnknownLayerError(f"bad layer range {item!r}: write ranges low-high, e.g. blocks.0-2; run {run.path} "
+            raise UnknownLayerError(f"bad layer range {item!r}: write ranges low-high, e.g. blocks.0-2; {holder} "
                                     f"holds: {holds}")
         # Every part of a range must exist, as when extracting: blocks.0-7 on a 3-block run is a mistake, not 0-2.
         missing = [pattern for pattern in expanded if not match(pattern, names)]
         if missing:
             part = "" if missing == [item] else f" (no {', '.join(abbreviate(missing))})"
-            raise UnknownLayerError(f"layer {item!r} is not in run {run.path}{part}; it holds: {holds}")
+            raise UnknownLayerError(f"layer {item!r} is not in {holder}{part}; it holds: {holds}")
         chosen.update(name for pattern in expanded for name in match(pattern, names))
     return [name for name in names if name in chosen]
 

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 
 from ..errors import ConfigError, NeuronMapError
 from .config import TINY_PREFIX, Experiment, engine_names
-from .plan import (PromptsTarget, RunTarget, analysis_layers, check_labels, decide, digest, expected_columns,
-                   plan_prompts, plan_runs, tiny_dir)
+from .plan import (PromptsTarget, RunTarget, analysis_layers, check_labels, check_models, check_out_dir, decide,
+                   digest, expected_columns, plan_prompts, plan_runs, tiny_dir)
 from .record import (ReporterUnavailable, load_reporter, read_state, resolved_document, write_resolved,
                      write_run_record, write_state)
 
@@ -135,7 +135,9 @@ class Pipeline:
     # -- the steps -------------------------------------------------------------------------------
     def run(self) -> ExperimentResult:
         experiment = self.experiment
+        check_out_dir(experiment)
         targets = plan_runs(experiment)
+        check_models(experiment, targets)
         prompts = plan_prompts(experiment)
         self.result.runs = {target.name: target.path for target in targets}
         if not self.generate(prompts):

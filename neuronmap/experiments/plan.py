@@ -9,6 +9,8 @@ anything is computed: the experiment never mixes runs of two configurations.
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -182,6 +184,50 @@ def plan_runs(experiment: Experiment) -> list[RunTarget]:
                                  pooling=spec.pooling or config.pooling, format=spec.format or config.format,
                                  dtype=spec.dtype or config.dtype))
     return targets
+
+
+def check_out_dir(experiment: Experiment) -> None:
+    """`outputs.dir` must be a folder or creatable as one: refused before anything runs, dry runs included."""
+    out = experiment.out_dir
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is under {folder}, which is a file"
+                raise experiment.error(("outputs", "dir"), f"{out} {what}: give a folder for the experiment's output")
+            return
+
+
+def check_models(experiment: Experiment, targets: list[RunTarget]) -> None:
+    """Every run's model and layer spec, and its analyses' layer specs, checked from the model's config
+    before anything is written or extracted (an unknown layer used to surface after minutes of extraction,
+    with folders and a report left behind). Tiny models are checked against the config they will be built
+    with."""
+    from ..analysis.runner import match_layers
+    from ..errors import NeuronMapError, UnknownModelError
+    from ..models.loading import layer_names
+
+    from ..models.tiny import tiny_config
+
+    for target in targets:
+        where = ("model", target.index, "layers") if target.spec.layers is not None else ("layers",)
+        try:
+            if target.tiny:
+                names = layer_names(f"tiny:{target.tiny}", target.layers, config=tiny_config(target.tiny))
+            else:
+                names = layer_names(target.model, target.layers)
+        except UnknownModelError as error:
+            raise experiment.error(("model", target.index, "source"), str(error)) from None
+        except NeuronMapError as error:
+            message = str(error)
+            if target.tiny:  # the tiny model is not built yet: no `neuronmap models layers` to point at
+                message = re.sub(r"\.? See `neuronmap models layers [^`]*`", "", message)
+            raise experiment.error(where, message) from None
+        for index in range(len(experiment.config.analyses)):
+            spec = analysis_layers(experiment, target, index)
+            try:
+                match_layers(names, spec, f"the layers run {target.name} extracts")
+            except NeuronMapError as error:
+                raise experiment.error(("analyses", index, "layers"), str(error)) from None
 
 
 def analysis_layers(experiment: Experiment, target: RunTarget, index: int) -> str | None:

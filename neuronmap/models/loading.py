@@ -119,6 +119,26 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
                        config_hash=config_hash(config), untrained=tuple(missing))
 
 
+def layer_names(name_or_path: str | Path, layers: str, config: Any = None) -> list[str]:
+    """The canonical layers `layers` selects in a model, from its config alone (no weights are read).
+
+    Why: a plan (a YAML experiment) can name an unknown model or layer; found only when extraction
+    loads the weights, the mistake costs minutes and leaves folders behind. Raises what `load_model` and
+    the adapter raise: UnknownModelError, UnknownLayerError. With `config`, that config is used as is.
+    """
+    from transformers import AutoModel
+
+    from .adapter import ModelAdapter
+
+    name = str(name_or_path)
+    if config is None:
+        name, source, entry, offline = resolve_source(name_or_path)
+        config = _load_config(name, source, entry, offline)
+    with _quiet_load_report(), torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return [ref.name for ref in ModelAdapter(model, name=name).resolve(layers)]
+
+
 def require_trained(loaded: Any, what: str, fix: str = "use a model with a trained language-model head") -> None:
     """ConfigError when `loaded` has weights the checkpoint lacked (initialised at random when loading).
 

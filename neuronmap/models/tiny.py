@@ -172,6 +172,23 @@ def _bpe_tokenizer(spec: _BpeSpec):
     )
 
 
+def tiny_config(family: str):
+    """The config `make_tiny(family)` builds, with a stand-in vocabulary: its layers without a tokenizer or
+    weights (what a plan checks layer specs against before building anything)."""
+    if family not in TINY_FAMILIES:
+        raise ConfigError(f"no tiny model for family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
+    return _config(family, _StandInVocabulary())
+
+
+class _StandInVocabulary:
+    """What `_config` reads of a tokenizer: its length and special ids."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self) -> int:
+        return 64
+
+
 def _ids(tokenizer) -> dict[str, int | None]:
     return {
         "bos_token_id": tokenizer.bos_token_id,

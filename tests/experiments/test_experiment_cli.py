@@ -86,9 +86,11 @@ def test_output_dir_inside_a_regular_file_is_one_line(write_experiment, tmp_path
       - name: stats
     outputs: {{dir: {tmp_path / 'bad' / 'afile' / 'out'}}}
     """.replace("\n    ", "\n"))
-    assert main(["run", str(path)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: could not write "), lines
-    assert f"{tmp_path / 'bad' / 'afile'} is a file, not a folder" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["afile"]
+    for dry_run in ([], ["--dry-run"]):  # a dry run said nothing of it and exited 0
+        assert main(["run", str(path), *dry_run]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path} line "), lines
+        assert f"outputs.dir: {tmp_path / 'bad' / 'afile' / 'out'} is under {tmp_path / 'bad' / 'afile'}, which is a " \
+               "file: give a folder" in lines[0]
+        assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["afile"]
     assert (tmp_path / "bad" / "afile").read_text() == "x"

@@ -238,6 +238,28 @@ def test_a_complete_run_of_another_configuration_is_refused(write_experiment, tm
     assert statuses(redone, "extract") == ["done"] and neuronmap.open_run(redone.runs["gpt2-seed0"]).manifest.pooling == "last"
 
 
+@pytest.mark.parametrize("model, change, key, words", [
+    ("tiny:gpt2", ('layers: "blocks.*"', 'layers: "blocks.99"'), 'layers: "blocks.99"', "unknown layer 'blocks.99'"),
+    ("gpt2", ('layers: "blocks.*"', 'layers: "blocks.99"'), 'layers: "blocks.99"', "unknown layer 'blocks.99'"),
+    ("gpt2", ("  - name: stats", "  - name: stats\n    layers: blocks.7"), "layers: blocks.7",
+     "layer 'blocks.7' is not in the layers run gpt2-seed0 extracts; it holds: blocks.{0-2}"),
+    ("no-such-model-xyz", None, "model: no-such-model-xyz", "unknown model 'no-such-model-xyz'"),
+])
+def test_unknown_models_and_layers_are_refused_before_anything_is_written(write_experiment, tmp_path, gpt2_dir,
+                                                                          line_of, model, change, key, words):
+    """They were found only by the extraction (after the resolved file, the state and a tiny model were
+    written; an analysis' layer after the whole extraction), and a report of the failure was written."""
+    path = experiment_file(write_experiment, tmp_path, gpt2_dir if model == "gpt2" else model)
+    if change is not None:
+        path.write_text(path.read_text().replace(*change))
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError) as caught:
+            run_experiment(load_experiment(path), dry_run=dry_run)
+        assert str(caught.value).startswith(f"{path} line {line_of(path, key)}: "), str(caught.value)
+        assert words in str(caught.value) and "neuronmap models layers tiny:" not in str(caught.value)
+        assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_writes_nothing(write_experiment, tmp_path):
     path = experiment_file(write_experiment, tmp_path, "tiny:gpt2")
     result = run_experiment(load_experiment(path), dry_run=True)
