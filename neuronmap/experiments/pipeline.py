@@ -174,17 +174,22 @@ class Pipeline:
         if prompts.path.is_file() and self.resume:
             self._record(StepResult("generate", what, "skipped", f"{prompts.path} exists"))
             return True
+        templates = spec.source not in ("local", "ollama")  # deterministic and quick: checked in a dry run too
         if self.dry_run:
+            if templates:
+                self._template_frame(spec)
             self._record(StepResult("generate", what, "planned", f"write {prompts.path} (seed {spec.seed})"))
             return True
         started = time.perf_counter()
         try:
             with self._status(f"generate {what} prompts"):
-                frame = self._generate_frame(spec)
+                frame = self._template_frame(spec) if templates else self._generate_frame(spec)
                 from ..questions.output import save_prompts
 
                 save_prompts(frame, prompts.path, overwrite=True)
         except KeyboardInterrupt:
+            raise
+        except ConfigError:  # a mistake in prompts.generate, already said against its key
             raise
         except Exception as error:
             self._fail("generate", what, error, "no prompt file was written", started)
@@ -192,6 +197,19 @@ class Pipeline:
         self._record(StepResult("generate", what, "done", f"{len(frame)} prompts -> {prompts.path}",
                                 time.perf_counter() - started))
         return True
+
+    def _template_frame(self, spec: Any) -> Any:
+        """A template family's prompts; its mistakes (a count past the family's space, say) as one line
+        naming the `prompts.generate` key instead of the command-line flag."""
+        try:
+            return self._generate_frame(spec)
+        except ConfigError as error:
+            message = str(error)
+            key = next((key for flag, key in (("--count", "count"), ("--min-words", "min_words"),
+                                               ("--max-words", "max_words")) if flag in message), None)
+            for flag, name in (("--count", "count"), ("--min-words", "min_words"), ("--max-words", "max_words")):
+                message = message.replace(f"pass {flag}", f"set {name} to").replace(flag, name)
+            raise self.experiment.error(("prompts", "generate", *([key] if key else [])), message) from None
 
     def _generate_frame(self, spec: Any) -> Any:
         if spec.source == "local":

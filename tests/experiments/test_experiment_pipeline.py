@@ -260,6 +260,25 @@ def test_unknown_models_and_layers_are_refused_before_anything_is_written(write_
         assert not (tmp_path / "out").exists()
 
 
+def test_a_generate_count_past_the_family_is_refused_at_its_key_dry_runs_too(write_experiment, tmp_path, line_of):
+    """It was a failed step worded for the command line (`pass --count 8904`), and a dry run said nothing."""
+    from neuronmap.questions import generate_prompts
+
+    path = experiment_file(write_experiment, tmp_path, "tiny:gpt2")
+    path.write_text(path.read_text().replace("prompts: {file: builtin:questions, limit: 40}",
+                                             "prompts: {generate: {source: sentiment, count: 99999}}"))
+    with pytest.raises(ConfigError) as reference:
+        generate_prompts("sentiment", count=99999, seed=0)
+    available = int(str(reference.value).split("has only ")[1].split()[0])
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError) as caught:
+            run_experiment(load_experiment(path), dry_run=dry_run)
+        assert str(caught.value) == (f"{path} line {line_of(path, 'count: 99999')}: prompts.generate.count: template "
+                                     f"family 'sentiment' has only {available} distinct prompts (asked for 99999): "
+                                     f"set count to {available} or less")
+        assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_writes_nothing(write_experiment, tmp_path):
     path = experiment_file(write_experiment, tmp_path, "tiny:gpt2")
     result = run_experiment(load_experiment(path), dry_run=True)
