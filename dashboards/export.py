@@ -84,9 +84,12 @@ def write_bytes(out: Path, data: bytes) -> Path:
     permission, a full disk) is a one-line StorageError naming the cause, and no temp file is left behind."""
     from neuronmap.store.manifest import storage_error
 
-    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from neuronmap.tempfiles import remove_abandoned, temp_path
+
+    temp = temp_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out)  # what a killed writer of the same file left
         temp.write_bytes(data)
         os.replace(temp, out)
     except OSError as error:

@@ -384,8 +384,11 @@ def build_tiny(family: str, path: Path, seed: int) -> Path:
         return path
     from ..models.tiny import make_tiny
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from ..tempfiles import remove_abandoned, temp_path
+
+    tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
+    remove_abandoned(path)  # what a killed build left
     try:
         make_tiny(family, tmp, seed=seed)
         os.replace(tmp, path)
