@@ -76,7 +76,8 @@ def context():
 def copy_run(runs_dir, tmp_path, name: str, source: str = RUN_ID):
     """A copy of the session's run `source` at `tmp_path/runs/name` (to damage freely)."""
     root = tmp_path / "runs"
-    shutil.copytree(runs_dir[0] / source, root / name, ignore=shutil.ignore_patterns(".cache"))
+    # `.tmp-*`: an artifact another test's job is still writing comes and goes while the tree is copied
+    shutil.copytree(runs_dir[0] / source, root / name, ignore=shutil.ignore_patterns(".cache", ".tmp-*"))
     return root, root / name
 
 
@@ -197,6 +198,10 @@ def test_launch_refuses_what_the_analysis_would_refuse_before_starting_in_the_fo
     # what the checks let through still starts
     job = ctx.jobs.submit(RUN_ID, "cka", layers[:2])
     assert job.status in ("queued", "running", "done")
+    deadline = time.monotonic() + 60  # finish it here: later tests copy this run's folder
+    while job.status in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.status == "done", job.message
 
 
 def test_analysis_messages_are_reworded_for_the_form(tmp_path):
