@@ -144,7 +144,7 @@ class Pipeline:
             for target in targets:
                 self._record(StepResult("extract", target.name, "skipped", "no prompts (the generate step failed)"))
             return self.result
-        frame = prompts.load() if prompts.path.is_file() else None
+        frame = self._load_prompts(prompts) if prompts.path.is_file() else None
         if frame is not None:
             from ..prompts import prompt_source_hash
 
@@ -165,6 +165,16 @@ class Pipeline:
             self.analyze(target)
         self.report(targets, document)
         return self.result
+
+    def _load_prompts(self, prompts: PromptsTarget) -> Any:
+        """The prompt table; a mistake in it as one line at the `prompts` key, in the file's words
+        (`text_column`, not the command line's `--text-column`)."""
+        try:
+            return prompts.load()
+        except NeuronMapError as error:  # PromptFileError, ConfigError
+            message = str(error).replace("--text-column", "text_column")
+            key = ("prompts", "text_column") if "text_column" in message else ("prompts",)
+            raise self.experiment.error(key, message) from None
 
     def generate(self, prompts: PromptsTarget) -> bool:
         spec = prompts.generate

@@ -279,6 +279,18 @@ def test_a_generate_count_past_the_family_is_refused_at_its_key_dry_runs_too(wri
         assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_text_column_is_named_at_its_key_in_the_files_words(write_experiment, tmp_path, line_of):
+    path = experiment_file(write_experiment, tmp_path, "tiny:gpt2")
+    path.write_text(path.read_text().replace("{file: builtin:questions, limit: 40}",
+                                             "{file: builtin:questions, text_column: nope}"))
+    with pytest.raises(ConfigError) as caught:
+        run_experiment(load_experiment(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} line {line_of(path, 'text_column: nope')}: prompts.text_column: ")
+    assert "has no column 'nope'" in message and "with text_column" in message and "--text-column" not in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_writes_nothing(write_experiment, tmp_path):
     path = experiment_file(write_experiment, tmp_path, "tiny:gpt2")
     result = run_experiment(load_experiment(path), dry_run=True)
