@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError
 from .prompts import as_text, hash_prompt_columns, iter_prompts, warn_mixed_label
+from .tempfiles import alive
 
 STAGING_MARK = ".staging-"
 CHUNK_ROWS = 8192  # prompts read, checked and written at a time: a few MB of short questions
@@ -107,18 +108,10 @@ def _remove_abandoned(out: Path, host: str) -> None:
     mark = f"{STAGING_MARK}{host}-"
     for folder in out.parent.glob(f".*{glob_escape(mark)}*"):
         pid = folder.name.rpartition(mark)[2].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if folder.is_dir() and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def stage_prompts(source: Any, folder: str | os.PathLike, text_column: str | None = None,

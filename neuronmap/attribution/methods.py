@@ -264,51 +264,16 @@ class TokenAttribution:
         return _per_token(attr), delta.item()
 
     def _layer_ig(self, embeds, base, mask, n_steps, n_samples, ibs):
+        """Layer IG: Captum's IG over the layer's captured tensor, the model run with the interpolated tensor
+        substituted for it (a forward hook on the module's output, or a pre-hook on a block's input for
+        ``embed``). Captum's own ``LayerIntegratedGradients`` clones every element of a module's output or
+        input, and Hugging Face modules return ``(output, None)`` (attention) or get a cache object or None
+        among their inputs; nor can it follow a ref that views the output (OPT's flat MLP rows)."""
+        from captum.attr import IntegratedGradients
+
         ref = self._layer_ref
-        if ref.hook == "input":
-            return self._input_layer_ig(ref, embeds, base, mask, n_steps, ibs)
-        return self._output_layer_ig(ref, embeds, base, mask, n_steps, ibs)
 
-    def _output_layer_ig(self, ref, embeds, base, mask, n_steps, ibs):
-        """Layer IG to a module's output: IG over the captured activation, the model run with the
-        interpolated activation substituted for it (Captum's layer IG, done through the adapter's refs).
-
-        Why not Captum's ``LayerIntegratedGradients(module)``: it clones every element of the module's
-        output, and Hugging Face attention modules return ``(output, None)``; it also cannot follow a ref
-        that views the output (OPT's flat MLP rows).
-        """
-        from captum.attr import IntegratedGradients
-
-        def layer_output(x):
-            with torch.no_grad(), Capture([ref], stop_early=True) as cap:
-                cap.run(self.model, inputs_embeds=x, attention_mask=mask)
-            return cap.outputs[ref.name]
-
-        def substitute(values, mask):
-            def hook(_module, _args, output):
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                new = values.reshape(-1, *hidden.shape[1:])  # the ref's view back to the module's layout
-                return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
-
-            handle = ref.module.register_forward_hook(hook)
-            try:
-                return self._forward(embeds.expand(values.shape[0], -1, -1), mask)
-            finally:
-                handle.remove()
-
-        attr, delta = IntegratedGradients(substitute).attribute(
-            layer_output(embeds), baselines=layer_output(base), additional_forward_args=(mask,), n_steps=n_steps,
-            internal_batch_size=ibs, return_convergence_delta=True)
-        return _per_token(attr), delta.item()
-
-    def _input_layer_ig(self, ref, embeds, base, mask, n_steps, ibs):
-        """Layer IG to a layer that is a block's input (``embed``): IG over that input, the model run with it
-        substituted. Captum's ``attribute_to_layer_input`` cannot do it: it clones every positional input
-        of the block, and Hugging Face blocks get a cache object or None among them.
-        """
-        from captum.attr import IntegratedGradients
-
-        def layer_input(x):
+        def captured(x):
             with torch.no_grad(), Capture([ref], stop_early=True) as cap:
                 cap.run(self.model, inputs_embeds=x, attention_mask=mask)
             return cap.outputs[ref.name]
@@ -319,14 +284,20 @@ class TokenAttribution:
                     return args, {**kwargs, "hidden_states": values}
                 return (values, *args[1:]), kwargs
 
-            handle = ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                new = values.reshape(-1, *hidden.shape[1:])  # the ref's view back to the module's layout
+                return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
+
+            handle = (ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True) if ref.hook == "input"
+                      else ref.module.register_forward_hook(hook))
             try:
                 return self._forward(embeds.expand(values.shape[0], -1, -1), mask)
             finally:
                 handle.remove()
 
         attr, delta = IntegratedGradients(substitute).attribute(
-            layer_input(embeds), baselines=layer_input(base), additional_forward_args=(mask,), n_steps=n_steps,
+            captured(embeds), baselines=captured(base), additional_forward_args=(mask,), n_steps=n_steps,
             internal_batch_size=ibs, return_convergence_delta=True)
         return _per_token(attr), delta.item()
 
