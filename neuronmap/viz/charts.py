@@ -92,7 +92,8 @@ def explained_variance(ratios: Mapping[str, Sequence[float]], cumulative: bool =
     fig = go.Figure()
     for index, (layer, ratio) in enumerate(ratios.items()):
         ratio = np.asarray(ratio, dtype=np.float64)
-        y = np.cumsum(ratio) if cumulative else ratio
+        # a NaN ratio (a component the fit could not resolve) adds nothing rather than blanking the rest
+        y = np.cumsum(np.nan_to_num(ratio, nan=0.0)) if cumulative else ratio
         fig.add_trace(go.Scatter(x=np.arange(1, len(ratio) + 1), y=y, mode="lines", name=str(layer),
                                  line=dict(color=PALETTE[index % len(PALETTE)])))
     fig.update_layout(title=title or ("cumulative explained variance" if cumulative else "explained variance"),

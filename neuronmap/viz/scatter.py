@@ -53,7 +53,13 @@ def embedding_scatter(coords: np.ndarray, color: Sequence | np.ndarray | None = 
         if values is not None and len(values) != n:
             raise ValueError(f"{name} has {len(values)} entries but coords has {n} rows")
     continuous = color is not None and _is_continuous(np.asarray(color))
-    keep = decimate(n, max_points, None if color is None or continuous else color, seed)
+    finite = np.isfinite(np.asarray(coords, dtype=np.float64)).all(axis=1)
+    if finite.all():
+        keep = decimate(n, max_points, None if color is None or continuous else color, seed)
+    else:  # a point without coordinates cannot be drawn: leave it out of the sample and say so
+        rows = np.flatnonzero(finite)
+        labels = None if color is None or continuous else np.asarray(color, dtype=object)[rows]
+        keep = rows[decimate(len(rows), max_points, labels, seed)]
     shown = coords[keep]
     texts = hover_text(np.asarray(hover, dtype=object)[keep]) if hover is not None else None
     custom = np.asarray(ids)[keep] if ids is not None else None
@@ -92,7 +98,9 @@ def embedding_scatter(coords: np.ndarray, color: Sequence | np.ndarray | None = 
         fig.update_xaxes(title_text=titles[0])
         fig.update_yaxes(title_text=titles[1])
     if len(keep) < n:
-        fig.add_annotation(text=f"showing {len(keep):,} of {n:,} points (seeded sample)", showarrow=False,
+        missing = int((~finite).sum())
+        why = f"; {missing:,} without finite coordinates" if missing else ""
+        fig.add_annotation(text=f"showing {len(keep):,} of {n:,} points (seeded sample{why})", showarrow=False,
                            xref="paper", yref="paper", x=1, y=1.06, xanchor="right", font=dict(size=11))
     return fig
 

@@ -168,3 +168,18 @@ def test_dendrogram_equals_scipys_coordinates():
     ys = [v for v in fig.data[0].y if v is not None]
     assert np.allclose(xs, np.ravel(reference["icoord"])) and np.allclose(ys, np.ravel(reference["dcoord"]))
     assert list(fig.layout.xaxis.ticktext) == [str(v) for v in reference["ivl"]]
+
+
+def test_points_without_finite_coordinates_are_left_out_and_counted():
+    """A NaN point was counted as drawn, and one NaN ratio turned the rest of a cumulative line into NaN."""
+    from neuronmap.viz import embedding_scatter, explained_variance
+
+    coords = np.arange(20, dtype=float).reshape(10, 2)
+    coords[3, 1] = np.nan
+    coords[7, 0] = np.inf
+    fig = embedding_scatter(coords, color=["a", "b"] * 5, ids=np.arange(10))
+    drawn = sorted(i for trace in fig.data for i in trace.customdata)
+    assert drawn == [0, 1, 2, 4, 5, 6, 8, 9] and fig.layout.meta["n_shown"] == 8
+    assert "showing 8 of 10 points (seeded sample; 2 without finite coordinates)" in fig.layout.annotations[0].text
+    line = explained_variance({"blocks.0": [0.5, np.nan, 0.25]}).data[0]
+    np.testing.assert_allclose(line.y, [0.5, 0.5, 0.75])
