@@ -79,15 +79,21 @@ def parse_target(loaded: Any, spec: str, predicted: Callable[[], int] | None = N
 
 
 def _token_arg(text: str) -> str | int:
-    text = text.strip("'\"") if text.strip() else text
-    return int(text) if text.isdigit() else text
+    """A token as written after `token:` or in `logit-diff:`: quoted (`' Paris'`), a vocabulary id (`17`),
+    or bare, spaces kept (`token: the` is " the", as `logit-diff: the, a` is " the" and " a")."""
+    inner = text.strip()
+    if len(inner) >= 2 and inner[0] == inner[-1] and inner[0] in "'\"":
+        return inner[1:-1]
+    if inner.isdigit():
+        return int(inner)
+    return text
 
 
 def _split_pair(rest: str, spec: str) -> tuple[Any, Any]:
     parts = rest.split(",")
     if len(parts) != 2 or not all(p.strip() for p in parts):
         raise ConfigError(f"target {spec!r}: write logit-diff:<answer>,<wrong>, e.g. logit-diff:' Mary',' John'")
-    return _token_arg(parts[0].strip()), _token_arg(parts[1].strip())
+    return _token_arg(parts[0]), _token_arg(parts[1])
 
 
 def _index(text: str, spec: str) -> int:

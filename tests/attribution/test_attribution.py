@@ -272,3 +272,20 @@ def test_summary_and_target_show_readable_tokens(gpt2):
     assert piece.startswith("Ġ")  # the premise: a piece with the byte-level space marker
     assert result.target_description == f"logit of {piece.replace('Ġ', ' ')!r}"
     assert "Ġ" not in result.summary()["top_token"] and any("Ġ" in t for t in result.tokens)
+
+
+def test_bare_tokens_keep_their_spaces_in_token_and_logit_diff_targets_alike(gpt2):
+    """`token: the` kept the leading space but `logit-diff: the, a` dropped it (and the pair was two tokens)."""
+    from neuronmap.attribution.targets import parse_target
+
+    tokenizer = gpt2.tokenizer
+
+    def one(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    assert parse_target(gpt2, "token: the").tokens == (one(" the"),)
+    assert parse_target(gpt2, "logit-diff: the, of").tokens == (one(" the"), one(" of"))
+    assert parse_target(gpt2, "logit-diff:' the',' of'").tokens == (one(" the"), one(" of"))
+    assert parse_target(gpt2, f"logit-diff:{one(' the')},{one(' of')}").tokens == (one(" the"), one(" of"))
