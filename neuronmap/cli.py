@@ -433,6 +433,21 @@ def _refuse_blank_out(argv: list[str]) -> None:
             raise ConfigError(f"{token.split('=')[0]} is empty: give a path, e.g. --out runs/my-run")
 
 
+def _command_path(argv: list[str]) -> str:
+    """`neuronmap extract` (or `neuronmap runs show`) from the command line: the help to point at when
+    click gives no context (an option missing its value)."""
+    import typer.main
+
+    path, command = ["neuronmap"], typer.main.get_command(app)
+    for token in argv:
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            break
+        path.append(token)
+        command = sub
+    return " ".join(path)
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         _refuse_blank_out([str(token) for token in (sys.argv[1:] if argv is None else argv)])
@@ -445,7 +460,9 @@ def _main(argv: list[str] | None) -> int:
     except _click_exceptions("ClickException") as error:  # usage: unknown command, missing or bad option
         message = " ".join(error.format_message().split()).rstrip(".")
         ctx = getattr(error, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        where = ctx.command_path if ctx is not None else _command_path(
+            [str(token) for token in (sys.argv[1:] if argv is None else argv)])
+        hint = f" (see `{where} --help`)"
         err_console.print(f"[red]error:[/] {escape(message)}{hint}", highlight=False, soft_wrap=True)
         return error.exit_code
     except (*_click_exceptions("Abort"), KeyboardInterrupt):

@@ -161,6 +161,9 @@ def test_bad_input_is_one_line_exit_2_and_no_damage(case, capsys, gpt2_dir, prom
     (["extract", "-m", "gpt2", "-p", "p.txt", "-o", "r", "--batch-size", "abc"], ["--batch-size", "integer"]),
     (["runs", "show"], ["missing argument"]),
     (["--bogus"], ["no such option", "--bogus"]),
+    # an option missing its value: click gives no context, the help is found from the command line
+    (["extract", "-m", "gpt2", "-p", "p.txt", "-o"], ["'-o' requires an argument", "`neuronmap extract --help`"]),
+    (["runs", "export", "r", "--to"], ["'--to' requires an argument", "`neuronmap runs export --help`"]),
 ])
 def test_usage_mistakes_exit_2_with_the_parser_message_not_an_internal_error(argv, words, capsys):
     code, _, err = run_cli(capsys, *argv)
