@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_PROMPTS: Path = Path(__file__).resolve().parent / "data" / "questions.csv"
+BUILTIN_PROMPTS = "builtin:questions"  # names DEFAULT_PROMPTS wherever a prompt file is asked for
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".txt", ".jsonl", ".csv", ".parquet")
 TEXT_COLUMN_CANDIDATES: tuple[str, ...] = ("text", "prompt", "question", "sentence", "input")
@@ -113,6 +114,8 @@ def iter_prompts(
             f"({', '.join(SUPPORTED_EXTENSIONS)}), a list of strings or a pandas DataFrame"
         )
 
+    if os.fspath(source).strip() == BUILTIN_PROMPTS:  # the shipped set, from any folder (as in YAML experiments)
+        source = DEFAULT_PROMPTS
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"

@@ -346,3 +346,11 @@ def test_loaded_frame_loads_again_unchanged():
     again = load_prompts(first)
     assert "source_sample_id" not in again.columns
     assert again.equals(first)
+
+
+def test_builtin_questions_names_the_shipped_prompt_set_from_any_folder(tmp_path, monkeypatch):
+    """`-p builtin:questions` worked in a YAML experiment but `extract` said `prompt file builtin:questions not found`."""
+    from neuronmap.prompts import DEFAULT_PROMPTS, load_prompts
+
+    monkeypatch.chdir(tmp_path)
+    pd.testing.assert_frame_equal(load_prompts("builtin:questions"), load_prompts(DEFAULT_PROMPTS))

@@ -23,11 +23,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..prompts import BUILTIN_PROMPTS  # the shipped prompt set, neuronmap/data/questions.csv
 from .source import AtPath, SourceMap, read_yaml, validation_error
 
 PROFILE_ENV = "NEURONMAP_PROFILE"
 TINY_PREFIX = "tiny:"
-BUILTIN_PROMPTS = "builtin:questions"  # the shipped prompt set, neuronmap/data/questions.csv
 POOLINGS = ("mean", "last", "first", "max", "none")  # = neuronmap.pooling.POOLING_MODES (that module imports torch)
 GENERATE_BACKENDS = ("local", "ollama")
 RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # one folder name the dashboard and Serve accept
